@@ -1,0 +1,155 @@
+"""The trainer: sharded state, the step on 1 vs 8 devices, non-finite skips, resume, learning."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import tiny
+from tvts_jax import optim, sharding, train
+
+
+def _random_batch(config, seed=0, batch_size=None):
+  rng = np.random.default_rng(seed)
+  d = config.data
+  b = batch_size or config.batch_size
+  order = np.stack([rng.permutation(d.num_clips) for _ in range(b)]).astype(np.int32)
+  mask = np.zeros((b, d.num_clips, d.text_len), bool)
+  mask[..., :5] = True
+  return {
+      "video": rng.integers(0, 256, (b, d.num_frames, d.image_size, d.image_size, 3),
+                            dtype=np.uint8),
+      "text_ids": np.where(mask, rng.integers(4, config.model.text.vocab_size, mask.shape),
+                           0).astype(np.int32),
+      "text_mask": mask,
+      "order": order,
+      "valid": np.ones((b,), bool),
+  }
+
+
+def _mesh(data, fsdp, n):
+  return sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp)),
+                            devices=jax.devices()[:n])
+
+
+def test_state_is_created_sharded_over_fsdp():
+  config = tiny.get_config()
+  config.model.video.width = 64  # a 64x256 MLP kernel: large enough for the fsdp rule
+  config.model.video.mlp_dim = 256
+  trainer = train.Trainer(config, _mesh(4, 2, 8))
+  specs = {jax.tree_util.keystr(p): x.sharding.spec for p, x in
+           jax.tree_util.tree_flatten_with_path(trainer.state["params"])[0]}
+  sharded = [k for k, s in specs.items() if "fsdp" in tuple(s)]
+  assert sharded, specs
+  # Adam's moments follow their parameters.
+  mu_specs = [x.sharding.spec for x in jax.tree.leaves(trainer.state["opt_state"])
+              if x.ndim >= 2]
+  assert any("fsdp" in tuple(s) for s in mu_specs)
+
+
+def test_step_on_1_and_8_devices_agree():
+  config = tiny.get_config()
+  batch = _random_batch(config)
+  results = []
+  for data, fsdp, n in ((1, 1, 1), (4, 2, 8)):
+    trainer = train.Trainer(config, _mesh(data, fsdp, n))
+    losses = [float(trainer.step(batch)["loss"]) for _ in range(3)]
+    results.append((losses, jax.device_get(trainer.state["params"])))
+  (l1, p1), (l8, p8) = results
+  np.testing.assert_allclose(l1, l8, rtol=2e-5)
+  assert l1[2] != l1[0]  # the steps changed the parameters
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+  config = tiny.get_config()
+  config.temperature = 0.0  # cosine / 0 -> inf logits -> a NaN loss
+  trainer = train.Trainer(config, _mesh(8, 1, 8))
+  before = jax.device_get(trainer.state["params"])
+  metrics = trainer.step(_random_batch(config))
+  assert not np.isfinite(float(metrics["loss"]))
+  assert int(trainer.state["nonfinite"]) == 1 and int(trainer.state["step"]) == 1
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(trainer.state))):
+    if a.shape == b.shape and a.ndim:
+      np.testing.assert_array_equal(a, b)
+
+
+def test_step_schedule_decays_at_the_reference_epochs():
+  config = tiny.get_config()
+  config.total_steps = 100
+  sched = optim.make_schedule(config)
+  lr = config.optim.lr
+  np.testing.assert_allclose([sched(0), sched(59), sched(60), sched(79), sched(80)],
+                             [lr, lr, lr * 0.1, lr * 0.1, lr * 0.01], rtol=1e-6)
+
+
+def test_weight_decay_mask_spares_norms_biases_embeddings():
+  trainer = train.Trainer(tiny.get_config(), _mesh(8, 1, 8))
+  mask = {jax.tree_util.keystr(p): m for p, m in
+          jax.tree_util.tree_flatten_with_path(optim.decay_mask(trainer.state["params"]))[0]}
+  decayed = [k for k, m in mask.items() if m]
+  assert decayed and all("kernel" in k for k in decayed), decayed
+  assert not any(("bias" in k or "norm" in k or "embed" in k) for k in decayed)
+
+
+@pytest.fixture(scope="module")
+def demo_workdirs(tmp_path_factory):
+  return tmp_path_factory.mktemp("train")
+
+
+def test_resume_matches_uninterrupted_run(demo_workdirs):
+  config = tiny.get_config()
+  config.total_steps = 6
+  config.checkpoint_every_steps = 3
+  config.eval_every_steps = 100
+  full = str(demo_workdirs / "full")
+  out_full = train.train_and_evaluate(config, full)
+  part = str(demo_workdirs / "part")
+  # Each workdir gets its own demo data, generated deterministically from the same seed.
+  short = config.copy_and_resolve_references()
+  short.total_steps = 3
+  train.train_and_evaluate(short, part)
+  out_resumed = train.train_and_evaluate(config, part)
+  assert out_resumed["step"] == out_full["step"] == 6
+  # Logged every 2 steps: the resumed run logs steps 4 and 6 like the full run.
+  resumed = dict(out_resumed["history"])
+  np.testing.assert_allclose([resumed[4], resumed[6]],
+                             [dict(out_full["history"])[4], dict(out_full["history"])[6]],
+                             rtol=1e-5)
+  from tvts_jax import checkpoint as ckpt_lib
+  restored = []
+  for wd in (full, part):
+    c = ckpt_lib.Checkpointer(wd, 3)
+    trainer = train.Trainer(config, _mesh(8, 1, 8))
+    restored.append(jax.device_get(c.restore(6, trainer.abstract_state())))
+    c.close()
+  for a, b in zip(jax.tree.leaves(restored[0]), jax.tree.leaves(restored[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoint_from_another_config_is_a_clear_error(demo_workdirs):
+  from tvts_jax import checkpoint as ckpt_lib
+  config = tiny.get_config()
+  config.model.video.width = 48
+  config.model.video.num_heads = 2
+  trainer = train.Trainer(config, _mesh(8, 1, 8))
+  c = ckpt_lib.Checkpointer(str(demo_workdirs / "full"), 3)
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="video"):
+    c.restore(6, trainer.abstract_state())
+  c.close()
+
+
+def test_tiny_config_learns(tmp_path):
+  config = tiny.get_config()
+  config.total_steps = 40
+  config.log_every_steps = 5
+  config.checkpoint_every_steps = 40
+  config.eval_every_steps = 40
+  config.optim.update(schedule="constant", lr=2e-3)
+  out = train.train_and_evaluate(config, str(tmp_path))
+  losses = [loss for _, loss in out["history"]]
+  assert [s for s, _ in out["history"]] == list(range(5, 41, 5))
+  assert np.mean(losses[-2:]) < 0.8 * losses[0], losses
+  assert "eval/sort_acc_all" in out["eval"]
+  assert "eval_shuffled_frames/sort_acc_all" in out["eval"]

@@ -1,0 +1,287 @@
+"""The trainer: `train_and_evaluate(config, workdir)`, one jitted sharded step, one loop.
+
+Flow of one step: the input pipeline yields this host's slice of the batch (numpy) ->
+`sharding.global_batch` makes global arrays on the (data, fsdp) mesh -> `train_step` (jitted,
+state donated) runs the model, the losses and AdamW -> metrics are fetched every
+`log_every_steps` (no host sync in between).
+
+The train state is a plain dict `{step, params, opt_state, nonfinite}`; `params` is the model's
+`nnx.State`. It is created already sharded: abstract shapes (`jax.eval_shape`) -> shardings by
+the fsdp rule -> a jitted init with those output shardings, so the full parameters never sit on
+one device.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorflow as tf
+from absl import logging
+from clu import metric_writers, periodic_actions
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from tvts_jax import checkpoint as ckpt_lib
+from tvts_jax import config_schema, losses, optim, sharding
+from tvts_jax.models import tvts as tvts_model
+
+# Keys of the batch dict the model consumes; the rest (labels) only travel to evaluation.
+MODEL_KEYS = ("video", "text_ids", "text_mask", "order", "valid")
+
+
+def build_model(config, seed: int | jax.Array = 0) -> tvts_model.TVTS:
+  return tvts_model.TVTS(config, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config):
+  """(graphdef, abstract params) without allocating anything."""
+  return nnx.split(nnx.eval_shape(lambda: build_model(config)))
+
+
+def _init_state(config, tx, rng):
+  model = build_model(config, rng)
+  _, params = nnx.split(model)
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+          "nonfinite": jnp.zeros((), jnp.int32)}
+
+
+def create_train_state(config, mesh, tx):
+  """Creates the train state sharded on `mesh`; returns (state, shardings, graphdef)."""
+  graphdef, _ = abstract_model(config)
+  rng = jax.random.key(config.seed)
+  init = functools.partial(_init_state, config, tx)
+  abstract = jax.eval_shape(init, rng)
+  shardings = sharding.tree_shardings(mesh, abstract)
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  return state, shardings, graphdef
+
+
+def model_outputs_and_loss(graphdef, params, batch, rng, config, *, keep_tokens=False):
+  """Runs the model on a batch and computes the TVTS loss; returns (loss, (metrics, out))."""
+  model = nnx.merge(graphdef, params)
+  out = model(batch["video"], batch["text_ids"], batch["text_mask"],
+              keep_rng=None if keep_tokens else rng)
+  loss, metrics = losses.total_loss(out, batch["order"], batch["valid"], config)
+  return loss, (metrics, out)
+
+
+def train_step(state, batch, *, graphdef, tx, config):
+  """One AdamW step on the global batch. A non-finite loss or gradient skips the update."""
+  rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+  grad_fn = jax.value_and_grad(
+      lambda p: model_outputs_and_loss(graphdef, p, batch, rng, config), has_aux=True)
+  (loss, (metrics, _)), grads = grad_fn(state["params"])
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  # Keep the old state when the step is not finite: NaNs never reach params or checkpoints.
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = {
+      "step": state["step"] + 1,
+      "params": keep(params, state["params"]),
+      "opt_state": keep(opt_state, state["opt_state"]),
+      "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
+  }
+  metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32),
+                 learning_rate=optim.make_schedule(config)(state["step"]),
+                 valid_fraction=batch["valid"].astype(jnp.float32).mean())
+  return new_state, metrics
+
+
+def shuffle_frames(video, rng):
+  """Shuffles each video's frames in time: the control that the model uses the video."""
+  perms = jax.vmap(lambda k: jax.random.permutation(k, video.shape[1]))(
+      jax.random.split(rng, video.shape[0]))
+  return jnp.take_along_axis(video, perms[:, :, None, None, None], axis=1)
+
+
+def eval_step(params, batch, *, graphdef, config, shuffled: bool):
+  """Sort and retrieval metrics on one padded eval batch, all tokens kept.
+
+  Returns metric sums over the valid examples and their count, so that batches of different
+  fill aggregate exactly.
+  """
+  if shuffled:
+    batch = dict(batch, video=shuffle_frames(batch["video"], jax.random.key(config.seed + 1)))
+  _, (metrics, _) = model_outputs_and_loss(graphdef, params, batch, None, config,
+                                           keep_tokens=True)
+  n = batch["valid"].astype(jnp.float32).sum()
+  return {k: v * n for k, v in metrics.items()}, n
+
+
+class Trainer:
+  """Holds the compiled functions for one config and mesh."""
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
+    self.tx = optim.make_optimizer(config)
+    self.state, self.state_shardings, self.graphdef = create_train_state(config, mesh, self.tx)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self._train_step = jax.jit(
+        functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, config=config),
+        in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,))
+    self._eval_steps = {
+        shuffled: jax.jit(functools.partial(eval_step, graphdef=self.graphdef, config=config,
+                                            shuffled=shuffled),
+                          in_shardings=(self.state_shardings["params"], self.batch_sharding),
+                          out_shardings=sharding.replicated(mesh))
+        for shuffled in (False, True)}
+
+  def abstract_state(self):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        self.state, self.state_shardings)
+
+  def step(self, local_batch: dict[str, np.ndarray]):
+    batch = sharding.global_batch({k: local_batch[k] for k in MODEL_KEYS}, self.mesh)
+    self.state, metrics = self._train_step(self.state, batch)
+    return metrics
+
+  def evaluate(self, batches, *, shuffled: bool = False) -> dict[str, float]:
+    """Averages the metrics over the valid examples of an eval pass."""
+    sums, count = None, 0.0
+    for local_batch in batches:
+      batch = sharding.global_batch({k: local_batch[k] for k in MODEL_KEYS}, self.mesh)
+      s, n = self._eval_steps[shuffled](self.state["params"], batch)
+      sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
+      count += float(n)
+    if not count:
+      return {}
+    return {k: float(v) / count for k, v in jax.device_get(sums).items()} | {
+        "num_examples": count}
+
+
+def _write_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def resolve_data(config, workdir: str) -> dict[str, str]:
+  """Record globs and tokenizer; generates the demo data when no records are configured."""
+  d = config.data
+  if d.train_records:
+    if not d.tokenizer:
+      raise ValueError("data.train_records is set but data.tokenizer is not: train one with "
+                       "`python -m data_pipelines.tokenizer` and pass its .model")
+    return {"train": d.train_records, "eval": d.eval_records, "tokenizer": d.tokenizer}
+  from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(workdir, "demo_data")
+  if jax.process_index() == 0:
+    paths = synthetic.ensure_demo_data(config, directory)
+  multihost_utils.sync_global_devices("demo data")
+  if jax.process_index() != 0:
+    paths = synthetic.ensure_demo_data(config, directory)  # exists now: only reads it
+  return paths
+
+
+def _check_vocab(config, tokenizer_path: str) -> None:
+  from data_pipelines import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  size = tok_lib.Tokenizer(tokenizer_path).vocab_size
+  if size > config.model.text.vocab_size:
+    raise ValueError(f"the tokenizer {tokenizer_path} has {size} pieces but "
+                     f"model.text.vocab_size={config.model.text.vocab_size}")
+
+
+def _eval_and_write(trainer, make_eval, writer, step) -> dict[str, float]:
+  results = {}
+  for name, shuffled in (("eval", False), ("eval_shuffled_frames", True)):
+    metrics = trainer.evaluate(make_eval(), shuffled=shuffled)
+    results.update({f"{name}/{k}": v for k, v in metrics.items()})
+  writer.write_scalars(step, results)
+  logging.info("eval @%d: sort_acc_all %.3f (shuffled frames %.3f, chance %.3f)", step,
+               results.get("eval/sort_acc_all", float("nan")),
+               results.get("eval_shuffled_frames/sort_acc_all", float("nan")),
+               1.0 / np.prod(np.arange(1, trainer.config.data.num_clips + 1)))
+  return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from the workdir's latest checkpoint) and evaluates.
+
+  Returns:
+    The final step, the last logged train metrics, the last eval results and the history of
+    logged (step, mean train loss) pairs (for tests and scripts).
+  """
+  from tvts_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  config_schema.validate(config)
+  tf.io.gfile.makedirs(workdir)
+  _write_config(config, workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.batch_size, mesh)
+  data = resolve_data(config, workdir)
+  _check_vocab(config, data["tokenizer"])
+
+  trainer = Trainer(config, mesh)
+  checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
+  start_step = checkpointer.latest_step() or 0
+  if start_step:
+    logging.info("resuming from step %d in %s", start_step, checkpointer.directory)
+    trainer.state = checkpointer.restore(start_step, trainer.abstract_state())
+  elif config.init_from:
+    from tvts_jax import convert  # pylint: disable=g-import-not-at-top
+    trainer.state["params"] = convert.load_init(config, trainer.state["params"])
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in config.items() if not hasattr(v, "items")})
+  n_params = sum(x.size for x in jax.tree.leaves(trainer.state["params"]))
+  logging.info("model: %.2fM parameters; mesh %s; %d process(es)", n_params / 1e6,
+               dict(mesh.shape), jax.process_count())
+
+  train_iter: Iterator = input_pipeline.make_train_iterator(
+      config, data["train"], data["tokenizer"], start_step=start_step)
+  make_eval = (functools.partial(input_pipeline.make_eval_iterator, config, data["eval"],
+                                 data["tokenizer"]) if data["eval"] else None)
+  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
+  preempted = ckpt_lib.PreemptionFlag().install()
+  pending, last_metrics, eval_results, history = [], {}, {}, []
+  step = start_step
+  t_log = time.time()
+  try:
+    while step < config.total_steps:
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        metrics = trainer.step(next(train_iter))
+      step += 1
+      pending.append(metrics)
+      report(step)
+      if config.nonfinite == "stop" and not bool(metrics["finite"]):
+        checkpointer.wait()
+        raise FloatingPointError(f"non-finite loss or gradient at step {step} (the update "
+                                 "was not applied); nonfinite='skip' would skip it")
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        fetched = jax.device_get(pending)
+        last_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        dt = time.time() - t_log
+        last_metrics["steps_per_s"] = len(fetched) / dt
+        last_metrics["clips_per_s"] = len(fetched) * config.batch_size / dt
+        last_metrics["nonfinite_steps"] = float(trainer.state["nonfinite"])
+        writer.write_scalars(step, {f"train/{k}": v for k, v in last_metrics.items()})
+        history.append((step, last_metrics["loss"]))
+        pending, t_log = [], time.time()
+      if make_eval and (step % config.eval_every_steps == 0 or step == config.total_steps):
+        eval_results = _eval_and_write(trainer, make_eval, writer, step)
+      stop = preempted.is_set()
+      if jax.process_count() > 1:  # every host must agree to save and stop together
+        stop = bool(multihost_utils.process_allgather(np.array(stop)).any())
+      if step % config.checkpoint_every_steps == 0 or step == config.total_steps or stop:
+        checkpointer.save(step, trainer.state, force=stop)
+      if stop:
+        logging.warning("stopping at step %d after a termination signal", step)
+        break
+  finally:
+    preempted.uninstall()
+    checkpointer.close()
+    writer.flush()
+  return {"step": step, "train": last_metrics, "eval": eval_results, "history": history}
