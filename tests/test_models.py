@@ -1,0 +1,415 @@
+"""The TVTS model: shapes, token keeping, equivariance, gradients, layouts, remat, bf16.
+
+Compilation dominates on CPU, so the model's parameters are created once (one jitted init)
+and every variant (scan layout, bf16) reuses their values through its own graphdef; the
+remat policies are compared on a BlockStack, the one place they act.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from tvts_jax import config_schema, losses
+from tvts_jax.models import layers, tvts, video_vit
+
+B = 3
+# These tests are bound by XLA:CPU compile time; skipping LLVM's optimisations halves it
+# without changing what is computed.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+TEMPERATURE = tiny.get_config().temperature
+
+
+def _config(**overrides):
+  c = tiny.get_config()
+  for key, value in overrides.items():
+    group = c
+    *path, last = key.split(".")
+    for name in path:
+      group = group[name]
+    group[last] = value
+  return c
+
+
+def _graphdef(config):
+  return nnx.split(nnx.eval_shape(lambda: tvts.build_model(config, 0)))[0]
+
+
+@pytest.fixture(scope="module")
+def base():
+  """(config, graphdef, params) of the tiny fp32 list-layout model."""
+  config = _config()
+  params = jit(lambda: nnx.split(tvts.build_model(config, 0))[1])()
+  # Non-zero temporal and type embeddings so that tests can see them (both are zero-init).
+  pure = params.to_pure_dict()
+  rng = np.random.RandomState(0)
+  for path in (("video", "temporal_embed"), ("sorter", "type_embed")):
+    leaf = pure[path[0]][path[1]]
+    pure[path[0]][path[1]] = jnp.asarray(rng.randn(*leaf.shape) * 0.1, jnp.float32)
+  params.replace_by_pure_dict(pure)
+  return config, _graphdef(config), params
+
+
+def _params_for(config, params):
+  """The same parameter values, in the layout `config` builds."""
+  abstract = nnx.state(nnx.eval_shape(lambda: tvts.build_model(config, 0)))
+  pure = params.to_pure_dict()
+  pure = (layers.to_scanned_layout(pure) if config.model.scan_layers
+          else layers.to_list_layout(pure))
+  abstract.replace_by_pure_dict(pure)
+  return abstract
+
+
+@pytest.fixture(scope="module")
+def batch():
+  c = tiny.get_config()
+  d = c.data
+  rng = np.random.RandomState(1)
+  video = rng.randint(0, 256, (B, d.num_frames, d.image_size, d.image_size, 3), np.uint8)
+  ids = rng.randint(1, c.model.text.vocab_size, (B, d.num_clips, d.text_len)).astype(np.int32)
+  lengths = rng.randint(2, d.text_len + 1, (B, d.num_clips))
+  mask = np.arange(d.text_len) < lengths[..., None]
+  order = np.stack([rng.permutation(d.num_clips) for _ in range(B)]).astype(np.int32)
+  return dict(video=jnp.asarray(video), text_ids=jnp.asarray(ids), text_mask=jnp.asarray(mask),
+              order=jnp.asarray(order), valid=jnp.ones(B, bool))
+
+
+@functools.partial(jit, static_argnums=0)
+def _loss_and_grads(graphdef, params, batch, keep_rng, weights):
+  """weights . (contrastive, sort) loss, its gradients and the model outputs."""
+
+  def loss_fn(p):
+    out = nnx.merge(graphdef, p)(batch["video"], batch["text_ids"], batch["text_mask"],
+                                 keep_rng=keep_rng)
+    contrastive, _ = losses.contrastive_loss(out["video_emb"], out["text_emb"],
+                                             batch["valid"], TEMPERATURE)
+    sort = losses.softmax_positions_loss(out["sort_logits"], batch["order"], batch["valid"])
+    return weights[0] * contrastive + weights[1] * sort, out
+
+  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return loss, out, grads
+
+
+def _run(config, params, batch, weights=(1.0, 2.0), keep_rng=jax.random.key(7)):
+  """Runs `_loss_and_grads` for the model `config` builds, with `params`' values."""
+  return _loss_and_grads(_graphdef(config), _params_for(config, params), batch, keep_rng,
+                         jnp.asarray(weights))
+
+
+@pytest.fixture(scope="module")
+def reference_run(base, batch):
+  config, _, params = base
+  return _run(config, params, batch)
+
+
+def _leaves(tree):
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _assert_trees_close(a, b, rtol, atol):
+  a, b = _leaves(a), _leaves(b)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+# --- shapes and parameter names -----------------------------------------------------------
+
+
+def test_output_shapes(base, batch, reference_run):
+  config, _, _ = base
+  _, out, _ = reference_run
+  d, e = config.model.video.width, config.model.embed_dim
+  k, kept = config.data.num_clips, config_schema.num_kept_per_slice(config)
+  tubes = config.data.num_frames // config.model.video.tubelet
+  expected = dict(video_tokens=(B, 1 + tubes * kept, d), video_cls=(B, d), video_emb=(B, e),
+                  text_features=(B, k, config.model.text.width), text_emb=(B, e),
+                  sort_logits=(B, k, k))
+  assert {name: x.shape for name, x in out.items()} == expected
+  assert all(x.dtype == jnp.float32 for x in out.values())
+  np.testing.assert_allclose(np.linalg.norm(out["video_emb"], axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(out["text_emb"], axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(out["video_cls"], out["video_tokens"][:, 0])
+
+
+def test_evaluation_features_keep_every_token(base, batch):
+  config, graphdef, params = base
+
+  @jit
+  def features(p, video):
+    model = nnx.merge(graphdef, p)
+    return model.encode_video(video), model.video_features(video)
+
+  tokens, cls = features(params, batch["video"])
+  n = config_schema.num_tokens_per_slice(config)
+  assert tokens.shape == (B, 1 + 2 * n, config.model.video.width) and n == 16
+  np.testing.assert_array_equal(cls, tokens[:, 0])
+
+
+def test_parameter_names_and_shapes(base):
+  # Converters (MAE, reference TVTS) and the exporter are keyed on these paths.
+  flat = {"/".join(str(k.key) for k in path): np.shape(x)
+          for path, x in jax.tree_util.tree_leaves_with_path(base[2].to_pure_dict())}
+  expected = {
+      "video/patch_embed/kernel": (2, 8, 8, 3, 32),
+      "video/patch_embed/bias": (32,),
+      "video/cls_token": (1, 1, 32),
+      "video/pos_embed": (1, 17, 32),
+      "video/temporal_embed": (1, 2, 32),
+      "video/blocks/layers/1/attn/qkv/kernel": (32, 96),
+      "video/blocks/layers/1/attn/proj/bias": (32,),
+      "video/blocks/layers/1/mlp/fc1/kernel": (32, 64),
+      "video/blocks/layers/1/norm2/scale": (32,),
+      "video/norm/scale": (32,),
+      "text/token_embed/embedding": (64, 32),
+      "text/pos_embed": (1, 8, 32),
+      "text/blocks/layers/0/mlp/fc2/kernel": (64, 32),
+      "text/norm/bias": (32,),
+      "sorter/type_embed": (2, 32),
+      "sorter/blocks/layers/0/norm1/bias": (32,),
+      "sorter/norm/scale": (32,),
+      "sorter/head/kernel": (32, 4),
+      "video_proj/kernel": (32, 16),
+      "text_proj/kernel": (32, 16),
+  }
+  assert {k: flat.get(k) for k in expected} == expected
+  # tiny has equal tower widths, so no sorter text projection. 2 + 1 + 1 blocks of 12 leaves,
+  # then video 7, text 4, sorter 5 and the two projections' 2 + 2 leaves.
+  assert not any(k.startswith("sorter/text_proj") for k in flat)
+  assert len(flat) == 4 * 12 + 7 + 4 + 5 + 2 + 2
+
+
+def test_constructor_and_inputs_are_validated(base, batch):
+  bad = _config(**{"model.video.num_heads": 3})
+  with pytest.raises(config_schema.ConfigError, match="num_heads"):
+    nnx.eval_shape(lambda: tvts.TVTS(bad, rngs=nnx.Rngs(0)))
+  config, graphdef, params = base
+  model = nnx.merge(graphdef, params)
+  with pytest.raises(ValueError, match="num_frames"):
+    model(batch["video"][:, :2], batch["text_ids"], batch["text_mask"])
+  with pytest.raises(ValueError, match="num_clips"):
+    model(batch["video"], batch["text_ids"][:, :3], batch["text_mask"][:, :3])
+
+
+# --- video tower ---------------------------------------------------------------------------
+
+
+def test_tubelet_embed_is_a_strided_3d_conv():
+  embed = video_vit.TubeletEmbed(2, 4, 5, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  embed.bias[...] = jnp.arange(5.0)
+  x = jnp.asarray(np.random.RandomState(2).randn(2, 4, 8, 12, 3), jnp.float32)
+  conv = jit(lambda x: jax.lax.conv_general_dilated(
+      x, embed.kernel[...], window_strides=(2, 4, 4), padding="VALID",
+      dimension_numbers=("NTHWC", "THWIO", "NTHWC")) + embed.bias[...])(x)
+  np.testing.assert_allclose(jit(embed)(x), conv.reshape(2, 2, 2 * 3, 5), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_kept_indices_are_random_per_sample_and_slice():
+  idx = np.asarray(video_vit.sample_kept_indices(jax.random.key(0), 8, 4, 16, 4))
+  assert idx.shape == (8, 4, 4) and idx.dtype == np.int32
+  assert ((idx >= 0) & (idx < 16)).all()
+  assert (np.diff(idx, axis=-1) > 0).all()  # distinct and ascending
+  assert len({tuple(r) for r in idx.reshape(-1, 4)}) > 24  # of 32 (sample, slice) draws
+  assert (idx[:, 0] != idx[:, 1]).any(axis=-1).all()  # slices of one sample differ
+  other = np.asarray(video_vit.sample_kept_indices(jax.random.key(1), 8, 4, 16, 4))
+  assert (idx != other).any()
+
+
+def test_token_keeping_keeps_patches_with_their_position_embeddings(base, batch):
+  config, graphdef, params = base
+  vit = nnx.merge(graphdef, params).video
+  embed = jit(lambda video, rng: vit.embed(video, rng))
+  tubes, n, kept = vit.num_tubes, vit.num_patches, vit.num_kept
+  assert kept == config_schema.num_kept_per_slice(config) == 4
+
+  full = np.asarray(embed(batch["video"], None))
+  assert full.shape == (B, 1 + tubes * n, vit.width)
+  # The full sequence: tubelet features + spatial (slot 1 + n) + temporal (slice) embeddings.
+  patches = np.asarray(vit.patch_embed(video_vit.normalize_video(batch["video"])))
+  pos, temporal = np.asarray(vit.pos_embed[...]), np.asarray(vit.temporal_embed[...])
+  np.testing.assert_allclose(
+      full[:, 1:].reshape(B, tubes, n, -1) - patches,
+      np.broadcast_to(pos[:, None, 1:] + temporal[:, :, None], (B, tubes, n, vit.width)),
+      rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(full[:, 0], np.broadcast_to(vit.cls_token[...][0] + pos[:, 0],
+                                                         (B, vit.width)), rtol=1e-6)
+
+  rng = jax.random.key(3)
+  kept_tokens = np.asarray(embed(batch["video"], rng))
+  assert kept_tokens.shape == (B, 1 + tubes * kept, vit.width)
+  idx = np.asarray(video_vit.sample_kept_indices(rng, B, tubes, n, kept))
+  gathered = np.take_along_axis(full[:, 1:].reshape(B, tubes, n, -1), idx[..., None], axis=2)
+  np.testing.assert_array_equal(kept_tokens[:, 1:].reshape(B, tubes, kept, -1), gathered)
+  np.testing.assert_array_equal(kept_tokens[:, 0], full[:, 0])
+  assert not np.array_equal(np.asarray(embed(batch["video"], jax.random.key(4))), kept_tokens)
+
+
+# --- text tower and sorter -----------------------------------------------------------------
+
+
+def test_text_tower_ignores_padding(base, batch):
+  _, graphdef, params = base
+  encode = jit(lambda p, ids, mask: nnx.merge(graphdef, p).encode_text(ids, mask))
+  ids, mask = np.asarray(batch["text_ids"]), np.asarray(batch["text_mask"])
+  feats = np.asarray(encode(params, ids, mask))
+  assert feats.shape == (B, 4, 32)
+  noisy = np.where(mask, ids, (ids + 7) % 64)  # change only the padded tokens
+  np.testing.assert_allclose(encode(params, noisy, mask), feats, rtol=1e-5, atol=1e-6)
+  changed = ids.copy()
+  changed[:, :, 1] = (changed[:, :, 1] + 7) % 64  # a real token (every length >= 2)
+  assert not np.allclose(encode(params, changed, mask), feats, atol=1e-4)
+  # A fully padded transcript (e.g. a padding example) stays finite.
+  assert np.isfinite(encode(params, ids, np.zeros_like(mask))).all()
+
+
+def test_sorter_is_equivariant_to_transcript_order(base, batch, reference_run):
+  _, graphdef, params = base
+  _, out, _ = reference_run
+  sort = jit(lambda p, v, t: nnx.merge(graphdef, p).sorter(v, t))
+  logits = np.asarray(sort(params, out["video_tokens"], out["text_features"]))
+  np.testing.assert_allclose(logits, out["sort_logits"], rtol=1e-5, atol=1e-5)
+  perm = np.array([2, 0, 3, 1])
+  permuted = sort(params, out["video_tokens"], out["text_features"][:, perm])
+  np.testing.assert_allclose(permuted, logits[:, perm], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(logits, logits[:, perm], atol=1e-3)  # rows do differ
+
+
+# --- gradients ---------------------------------------------------------------------------
+
+
+def test_sort_loss_trains_video_and_sorter_but_not_text(base, batch):
+  config, _, params = base
+  _, _, grads = _run(config, params, batch, weights=(0.0, 1.0))
+  grads = _leaves(grads.to_pure_dict())
+  frozen = [k for k in grads if k.startswith(("['text']", "['text_proj']", "['video_proj']"))]
+  trained = [k for k in grads if k.startswith(("['video']", "['sorter']"))]
+  assert len(frozen) == 16 + 4 and len(trained) + len(frozen) == len(grads)
+  for name in frozen:
+    assert not grads[name].any(), name
+  for name in trained:
+    assert np.abs(grads[name]).max() > 0, name
+  # The contrastive loss does train the text tower, and nothing in the sorter.
+  _, _, grads = _run(config, params, batch, weights=(1.0, 0.0))
+  grads = _leaves(grads.to_pure_dict())
+  for name, g in grads.items():
+    if name.startswith(("['text']", "['text_proj']", "['video']", "['video_proj']")):
+      assert np.abs(g).max() > 0, name
+    else:
+      assert name.startswith("['sorter']") and not g.any(), name
+
+
+def test_scan_layers_model_matches_list_layout(base, batch, reference_run):
+  # The same values in the other layout give the same outputs in all three towers. Gradients
+  # through the scan are compared on a BlockStack below (where the scan lives): a whole-model
+  # scanned backward pass costs ~10 s of XLA:CPU compile.
+  config, _, params = base
+  _, out, _ = reference_run
+  scan_config = _config(**{"model.scan_layers": True})
+  graphdef = _graphdef(scan_config)
+  forward = jit(lambda p, b: nnx.merge(graphdef, p)(
+      b["video"], b["text_ids"], b["text_mask"], keep_rng=jax.random.key(7)))
+  scan_params = _params_for(scan_config, params)
+  assert scan_params["video"]["blocks"]["layers"]["attn"]["qkv"]["kernel"].shape == (2, 32, 96)
+  _assert_trees_close(forward(scan_params, batch), out, rtol=1e-4, atol=1e-5)
+
+
+def test_layout_conversion_round_trips(base):
+  pure = base[2].to_pure_dict()
+  scanned = layers.to_scanned_layout(pure)
+  assert scanned["video"]["blocks"]["layers"]["attn"]["qkv"]["kernel"].shape == (2, 32, 96)
+  np.testing.assert_array_equal(scanned["video"]["blocks"]["layers"]["mlp"]["fc1"]["bias"][1],
+                                pure["video"]["blocks"]["layers"][1]["mlp"]["fc1"]["bias"])
+  _assert_trees_close(layers.to_list_layout(scanned), pure, rtol=0, atol=0)
+  _assert_trees_close(layers.to_scanned_layout(scanned), scanned, rtol=0, atol=0)
+
+
+# Remat lives in BlockStack only, so its variants are checked on a stack (cheap to compile)
+# rather than on the whole model.
+_STACK = dict(depth=2, width=32, num_heads=2, mlp_dim=64, ln_eps=1e-6)
+
+
+def _stack(scan_layers, remat, dtype=jnp.float32, seed=0):
+  return layers.BlockStack(**_STACK, dtype=dtype, scan_layers=scan_layers, remat=remat,
+                           rngs=nnx.Rngs(seed))
+
+
+@functools.partial(jit, static_argnums=(0, 1))
+def _stack_loss_and_grads(scan_layers, remat, pure_params, x, mask, probe):
+  stack = nnx.eval_shape(lambda: _stack(scan_layers, remat))
+  graphdef, state = nnx.split(stack)
+  state.replace_by_pure_dict(layers.to_scanned_layout(pure_params) if scan_layers
+                             else pure_params)
+
+  def loss_fn(s):
+    return jnp.sum(nnx.merge(graphdef, s)(x, mask).astype(jnp.float32) * probe)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state)
+  return loss, layers.to_list_layout(grads.to_pure_dict())
+
+
+@pytest.fixture(scope="module")
+def stack_inputs():
+  rng = np.random.RandomState(5)
+  params = jit(lambda: nnx.state(_stack(False, "none")).to_pure_dict())()
+  x = jnp.asarray(rng.randn(2, 6, 32), jnp.float32)
+  mask = jnp.asarray(np.arange(6) < np.array([[6], [3]]))  # second row: 3 padded keys
+  probe = jnp.asarray(rng.randn(2, 6, 32), jnp.float32)
+  return params, x, mask, probe
+
+
+@pytest.fixture(scope="module")
+def stack_reference(stack_inputs):
+  return _stack_loss_and_grads(False, "none", *stack_inputs)
+
+
+@pytest.mark.parametrize("scan_layers,remat", [
+    (True, "none"), (False, "full"), (True, "dots"), (True, "dots_no_batch")])
+def test_block_stack_scan_and_remat_match_plain_list(stack_inputs, stack_reference,
+                                                     scan_layers, remat):
+  loss, grads = _stack_loss_and_grads(scan_layers, remat, *stack_inputs)
+  np.testing.assert_allclose(loss, stack_reference[0], rtol=1e-5)
+  _assert_trees_close(grads, stack_reference[1], rtol=1e-4, atol=1e-5)
+  # The policy is really applied: jax.checkpoint shows up in the program.
+  jaxpr = str(jax.make_jaxpr(_stack_loss_and_grads.__wrapped__, static_argnums=(0, 1))(
+      scan_layers, remat, *stack_inputs))
+  assert ("remat" in jaxpr or "checkpoint" in jaxpr) == (remat != "none")
+  assert ("scan" in jaxpr) == scan_layers
+
+
+def test_bfloat16_compute_is_close_to_float32(base, batch, reference_run):
+  config, _, params = base
+  _, out, _ = reference_run
+  bf_config = _config(compute_dtype="bfloat16")
+  graphdef = _graphdef(bf_config)
+  forward = jit(lambda p, b: nnx.merge(graphdef, p)(
+      b["video"], b["text_ids"], b["text_mask"], keep_rng=jax.random.key(7)))
+  bf_out = forward(_params_for(bf_config, params), batch)
+  assert all(x.dtype == jnp.float32 for x in bf_out.values())  # logits/embeddings in fp32
+  for name in ("video_tokens", "video_emb", "text_emb", "sort_logits"):
+    np.testing.assert_allclose(bf_out[name], out[name], atol=0.1, err_msg=name)
+  assert not np.array_equal(bf_out["sort_logits"], out["sort_logits"])  # really ran in bf16
+
+
+def test_bfloat16_block_stack_gradients_are_close(stack_inputs, stack_reference):
+  params, x, mask, probe = stack_inputs
+
+  @jit
+  def bf16_grads(pure):
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: _stack(False, "none", jnp.bfloat16)))
+    state.replace_by_pure_dict(pure)
+    loss_fn = lambda s: jnp.sum(nnx.merge(graphdef, s)(x, mask).astype(jnp.float32) * probe)
+    return jax.value_and_grad(loss_fn)(state)
+
+  loss, grads = bf16_grads(params)
+  assert all(g.dtype == np.float32 for g in _leaves(grads).values())  # fp32 params
+  ref_loss, ref_grads = stack_reference
+  np.testing.assert_allclose(loss, ref_loss, rtol=0.05, atol=0.5)
+  ref = _leaves(ref_grads)
+  for name, g in _leaves(grads.to_pure_dict()).items():
+    scale = np.abs(ref[name]).max()
+    np.testing.assert_allclose(g, ref[name], atol=0.05 * scale + 1e-3, err_msg=name)

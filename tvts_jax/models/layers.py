@@ -1,0 +1,280 @@
+"""The one transformer block shared by the video tower, the text tower and the sorter.
+
+`Block` is a pre-LayerNorm ViT block (timm / MAE layout and names):
+
+    x = x + attn(norm1(x))        attn: fused qkv Linear (with bias) -> softmax attention -> proj
+    x = x + mlp(norm2(x))         mlp:  fc1 -> exact GELU -> fc2
+
+`BlockStack` runs `depth` blocks, either as a Python list (`layers/0/...`, `layers/1/...`) or,
+with `scan_layers=True`, as one block whose parameters carry a leading `[depth]` axis, run with
+`jax.lax.scan` so that compile time does not grow with depth. `to_scanned_layout` and
+`to_list_layout` convert a parameter dict between the two layouts (checkpoints, converters and
+the exporter can then use one layout whatever the training config was).
+
+Mixed precision: parameters are stored in `param_dtype` (float32); matmuls and the residual
+stream run in `dtype` (float32 or bfloat16). LayerNorm statistics are computed in float32 by
+flax whatever `dtype` is, and `jax.nn.dot_product_attention` does its softmax in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Per-block rematerialisation policies, by config name (`model.remat`). 'none' is no
+# jax.checkpoint at all; 'full' saves nothing but the block's inputs.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+# MAE / timm initialise Linear kernels with xavier_uniform.
+_xavier = jax.nn.initializers.xavier_uniform()
+# MAE initialises the fused qkv as three separate [D, D] xavier matrices: a uniform limit of
+# sqrt(6 / (D + D)). On the fused [D, 3D] kernel fan_avg is 2D, so scale 2 gives that limit.
+_qkv_init = jax.nn.initializers.variance_scaling(2.0, "fan_avg", "uniform")
+
+
+def layer_norm(width: int, eps: float, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """A LayerNorm with float32 parameters whose output is in `dtype`.
+
+  The two-pass variance (`use_fast_variance=False`) matches PyTorch's LayerNorm, which keeps
+  converted reference checkpoints numerically close.
+  """
+  return nnx.LayerNorm(width, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+                       use_fast_variance=False, rngs=rngs)
+
+
+def linear(in_features: int, out_features: int, dtype: Any, rngs: nnx.Rngs,
+           kernel_init=_xavier) -> nnx.Linear:
+  """A Linear with float32 parameters (kernel [in, out], bias [out]) computing in `dtype`."""
+  return nnx.Linear(in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=kernel_init, bias_init=jax.nn.initializers.zeros,
+                    rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with a fused qkv projection.
+
+  Parameters: `qkv.kernel` [D, 3D] whose output columns are ordered (q|k|v, head, head_dim)
+  exactly like timm's `qkv.weight.T`, `qkv.bias` [3D], `proj.kernel` [D, D], `proj.bias` [D].
+  """
+
+  def __init__(self, width: int, num_heads: int, *, dtype: Any, rngs: nnx.Rngs):
+    if width % num_heads:
+      raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
+    self.num_heads = num_heads
+    self.qkv = linear(width, 3 * width, dtype, rngs, kernel_init=_qkv_init)
+    self.proj = linear(width, width, dtype, rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Attends over the sequence.
+
+    Args:
+      x: [B, S, D] tokens.
+      mask: optional bool [B, S] key-padding mask, True where a key may be attended to. A row
+        with no True key attends uniformly (finite output), it does not produce NaN.
+
+    Returns:
+      [B, S, D] in the module's compute dtype.
+    """
+    b, s, d = x.shape
+    qkv = self.qkv(x).reshape(b, s, 3, self.num_heads, d // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if mask is not None:
+      mask = mask[:, None, None, :]  # [B, heads, queries, keys], broadcast
+    # One fused-attention entry point for every backend; implementation=None leaves the
+    # kernel choice to JAX (XLA's today), with the softmax in float32 whatever the dtype.
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return self.proj(out.reshape(b, s, d))
+
+
+class Mlp(nnx.Module):
+  """fc1 -> exact (erf) GELU, as torch.nn.GELU() in the reference -> fc2."""
+
+  def __init__(self, width: int, mlp_dim: int, *, dtype: Any, rngs: nnx.Rngs):
+    self.fc1 = linear(width, mlp_dim, dtype, rngs)
+    self.fc2 = linear(mlp_dim, width, dtype, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+  """Pre-LN transformer block: norm1, attn, norm2, mlp (timm names)."""
+
+  def __init__(self, width: int, num_heads: int, mlp_dim: int, *, ln_eps: float,
+               dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    """Creates the block.
+
+    Args:
+      width: model width D.
+      num_heads: attention heads; must divide `width`.
+      mlp_dim: hidden width of the MLP.
+      ln_eps: LayerNorm epsilon.
+      dtype: compute dtype of the matmuls and the residual stream.
+      rngs: parameter initialisation.
+    """
+    self.dtype = jnp.dtype(dtype)
+    self.norm1 = layer_norm(width, ln_eps, dtype, rngs)
+    self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs)
+    self.norm2 = layer_norm(width, ln_eps, dtype, rngs)
+    self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: [B, S, D] tokens (cast to the compute dtype).
+      mask: optional bool [B, S] key-padding mask (see `Attention`).
+
+    Returns:
+      [B, S, D] in the compute dtype.
+    """
+    x = x.astype(self.dtype)
+    x = x + self.attn(self.norm1(x), mask)
+    return x + self.mlp(self.norm2(x))
+
+
+class BlockStack(nnx.Module):
+  """`depth` Blocks applied in sequence, as a list or scanned, with optional remat.
+
+  Parameter layout (under the attribute `layers`):
+    scan_layers=False: `layers/<i>/<block params>`, one subtree per block.
+    scan_layers=True:  `layers/<block params>`, every leaf with a leading [depth] axis.
+  """
+
+  def __init__(self, depth: int, width: int, num_heads: int, mlp_dim: int, *,
+               ln_eps: float, dtype: Any = jnp.float32, scan_layers: bool = False,
+               remat: str = "none", rngs: nnx.Rngs):
+    """Creates the stack.
+
+    Args:
+      depth: number of blocks (>= 1).
+      width: model width D.
+      num_heads: attention heads.
+      mlp_dim: MLP hidden width.
+      ln_eps: LayerNorm epsilon.
+      dtype: compute dtype.
+      scan_layers: store stacked parameters and run them with `jax.lax.scan`.
+      remat: a key of `REMAT_POLICIES`; each block is rematerialised under that policy.
+      rngs: parameter initialisation.
+    """
+    if depth < 1:
+      raise ValueError(f"depth must be >= 1, got {depth}")
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={remat!r}; must be one of {tuple(REMAT_POLICIES)}")
+    self.depth = depth
+    self.scan_layers = scan_layers
+    self.remat = remat
+
+    def make_block(rngs):
+      return Block(width, num_heads, mlp_dim, ln_eps=ln_eps, dtype=dtype, rngs=rngs)
+
+    if scan_layers:
+      # vmap over split rng streams: `depth` independently initialised blocks whose
+      # parameters are stacked on a new leading axis.
+      self.layers = nnx.split_rngs(splits=depth)(
+          nnx.vmap(make_block, in_axes=(0,), out_axes=0))(rngs)
+    else:
+      self.layers = nnx.List([make_block(rngs) for _ in range(depth)])
+
+  def _remat(self, fn):
+    if self.remat == "none":
+      return fn
+    # Inside scan the loop already prevents XLA from CSE-ing the recomputation away, and
+    # prevent_cse=True would only block optimisations there (jax.checkpoint docs).
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[self.remat],
+                          prevent_cse=not self.scan_layers)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Applies the blocks in order.
+
+    Args:
+      x: [B, S, D] tokens.
+      mask: optional bool [B, S] key-padding mask, shared by all blocks.
+
+    Returns:
+      [B, S, D] in the compute dtype.
+    """
+    if self.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+
+      def body(h, block_state):
+        return nnx.merge(graphdef, block_state)(h, mask), None
+
+      # The carry must keep one dtype across iterations.
+      x = x.astype(self.layers.dtype)
+      x, _ = jax.lax.scan(self._remat(body), x, state)
+      return x
+
+    for block in self.layers:
+      if self.remat == "none":
+        x = block(x, mask)
+      else:
+        graphdef, state = nnx.split(block)
+        x = self._remat(lambda s, h, m, g=graphdef: nnx.merge(g, s)(h, m))(state, x, mask)
+    return x
+
+
+def _is_list_layout(tree: Mapping[Any, Any]) -> bool:
+  return bool(tree) and all(str(k).isdigit() for k in tree.keys())
+
+
+def stack_layers(layers: Mapping[Any, Any]) -> Any:
+  """Stacks per-block parameter trees {0: tree, 1: tree, ...} into one [depth, ...] tree."""
+  ordered = [layers[k] for k in sorted(layers, key=int)]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *ordered)
+
+
+def unstack_layers(stacked: Any) -> dict[int, Any]:
+  """Splits a [depth, ...] parameter tree into per-block trees {0: tree, 1: tree, ...}."""
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  return {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(depth)}
+
+
+def _relayout(tree: Any, scanned: bool) -> Any:
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {}
+  for key, value in tree.items():
+    if key == "layers" and isinstance(value, Mapping):
+      if scanned and _is_list_layout(value):
+        value = stack_layers(value)
+      elif not scanned and not _is_list_layout(value):
+        value = unstack_layers(value)
+      out[key] = value
+    else:
+      out[key] = _relayout(value, scanned)
+  return out
+
+
+def to_scanned_layout(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Converts every BlockStack in a nested parameter dict to the scan_layers=True layout.
+
+  Args:
+    params: a pure nested dict (e.g. `nnx.state(model, nnx.Param).to_pure_dict()`) in either
+      layout; stacks already scanned are left as they are.
+
+  Returns:
+    The same tree with every `layers` subtree stacked along a new leading [depth] axis.
+  """
+  return _relayout(params, scanned=True)
+
+
+def to_list_layout(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Converts every BlockStack in a nested parameter dict to the scan_layers=False layout.
+
+  Args:
+    params: a pure nested dict in either layout.
+
+  Returns:
+    The same tree with every stacked `layers` subtree split into `layers/<i>/...` (int keys).
+  """
+  return _relayout(params, scanned=False)

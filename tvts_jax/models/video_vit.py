@@ -1,0 +1,177 @@
+"""The video encoder: a ViT over 3-D tubelets with joint space-time attention.
+
+One clip of T frames of HxW becomes `num_tubes = T / tubelet` temporal slices of
+`num_patches = (H / patch)^2` tubelets each. Token order: CLS, then slice 0's patches in
+raster order, then slice 1's, and so on. During pre-training each slice keeps a random
+`num_kept_per_slice(config)` of its patches (independently per sample and per slice) after the
+position embeddings are added, so the encoder sees 1 + num_tubes * num_kept tokens.
+
+Parameters (D = model.video.width, t = tubelet, p = patch_size, N = num_patches):
+    patch_embed/kernel    [t, p, p, 3, D]   a VALID, stride-(t, p, p) 3-D convolution kernel,
+                                            (time, height, width, rgb, out); an MAE / timm 2-D
+                                            kernel `w` [D, 3, p, p] maps onto each time step
+                                            as `w.transpose(2, 3, 1, 0)` (copied, not divided).
+    patch_embed/bias      [D]
+    cls_token             [1, 1, D]
+    pos_embed             [1, N + 1, D]     spatial, slot 0 is CLS (timm's pos_embed layout)
+    temporal_embed        [1, num_tubes, D] zero-init
+    blocks/layers/...     see layers.BlockStack
+    norm/scale, norm/bias [D]               final LayerNorm
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from tvts_jax import config_schema
+from tvts_jax.models import layers
+
+# ImageNet statistics on the 0..255 scale: the data pipeline ships uint8 frames and the
+# normalisation runs on the device (see DESIGN.md: float conversion on the host was 75% of
+# the input pipeline's time).
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
+
+
+def normalize_video(video: jax.Array) -> jax.Array:
+  """uint8 (or float in [0, 255]) RGB frames -> ImageNet-normalised float32, same shape."""
+  return (video.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def sample_kept_indices(rng: jax.Array, batch_size: int, num_tubes: int, num_patches: int,
+                        num_kept: int) -> jax.Array:
+  """Draws which patches each sample keeps in each temporal slice.
+
+  Args:
+    rng: a PRNG key.
+    batch_size: B.
+    num_tubes: temporal slices per clip.
+    num_patches: patches per slice.
+    num_kept: patches kept per slice.
+
+  Returns:
+    int32 [B, num_tubes, num_kept]: distinct patch indices per (sample, slice), ascending so
+    that kept tokens stay in raster order.
+  """
+  noise = jax.random.uniform(rng, (batch_size, num_tubes, num_patches))
+  # top_k of i.i.d. uniform noise is a uniform random subset; cheaper than a full argsort.
+  _, idx = jax.lax.top_k(noise, num_kept)
+  return jnp.sort(idx, axis=-1).astype(jnp.int32)
+
+
+class TubeletEmbed(nnx.Module):
+  """Non-overlapping t x p x p tubelets -> D features (a strided VALID 3-D convolution).
+
+  Computed as patch extraction + one matmul, which is the same arithmetic as the convolution
+  but lowers to a plain dot on every backend.
+  """
+
+  def __init__(self, tubelet: int, patch_size: int, width: int, *, dtype, rngs: nnx.Rngs):
+    self.tubelet = tubelet
+    self.patch_size = patch_size
+    self.dtype = jnp.dtype(dtype)
+    # MAE initialises the patch projection as xavier_uniform over the flattened kernel.
+    init = jax.nn.initializers.xavier_uniform(in_axis=(0, 1, 2, 3), out_axis=4)
+    self.kernel = nnx.Param(init(rngs.params(), (tubelet, patch_size, patch_size, 3, width),
+                                 jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((width,), jnp.float32))
+
+  def __call__(self, video: jax.Array) -> jax.Array:
+    """Embeds tubelets.
+
+    Args:
+      video: [B, T, H, W, 3] normalised frames.
+
+    Returns:
+      [B, T / t, (H / p) * (W / p), D] in the compute dtype, patches in raster order.
+    """
+    b, t, h, w, c = video.shape
+    tt, p = self.tubelet, self.patch_size
+    x = video.astype(self.dtype).reshape(b, t // tt, tt, h // p, p, w // p, p, c)
+    # -> [B, tubes, h/p, w/p, tt, p, p, c]: the patch vector in the kernel's (t, p, p, 3) order.
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+    x = x.reshape(b, t // tt, (h // p) * (w // p), tt * p * p * c)
+    kernel = self.kernel[...]
+    kernel = kernel.astype(self.dtype).reshape(-1, kernel.shape[-1])
+    return x @ kernel + self.bias[...].astype(self.dtype)
+
+
+class VideoViT(nnx.Module):
+  """The video tower: tubelets + CLS + position embeddings + token keeping + blocks + LN."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    """Creates the tower from `config.model.video`, `config.data` and `config.model`.
+
+    Args:
+      config: a validated config (see `config_schema`).
+      rngs: parameter initialisation.
+    """
+    v, d = config.model.video, config.data
+    self.dtype = jnp.dtype(config.compute_dtype)
+    self.width = v.width
+    self.num_frames = d.num_frames
+    self.image_size = d.image_size
+    self.num_tubes = d.num_frames // v.tubelet
+    self.num_patches = config_schema.num_tokens_per_slice(config)
+    self.num_kept = config_schema.num_kept_per_slice(config)
+
+    self.patch_embed = TubeletEmbed(v.tubelet, v.patch_size, v.width, dtype=self.dtype,
+                                    rngs=rngs)
+    normal = jax.nn.initializers.normal(0.02)
+    self.cls_token = nnx.Param(normal(rngs.params(), (1, 1, v.width), jnp.float32))
+    self.pos_embed = nnx.Param(
+        normal(rngs.params(), (1, self.num_patches + 1, v.width), jnp.float32))
+    self.temporal_embed = nnx.Param(jnp.zeros((1, self.num_tubes, v.width), jnp.float32))
+    self.blocks = layers.BlockStack(
+        v.depth, v.width, v.num_heads, v.mlp_dim, ln_eps=v.ln_eps, dtype=self.dtype,
+        scan_layers=config.model.scan_layers, remat=config.model.remat, rngs=rngs)
+    self.norm = layers.layer_norm(v.width, v.ln_eps, jnp.float32, rngs)
+
+  def num_tokens(self, keep: bool) -> int:
+    """Encoder sequence length with (keep=True) or without token keeping."""
+    return 1 + self.num_tubes * (self.num_kept if keep else self.num_patches)
+
+  def _check_video(self, video: jax.Array):
+    expected = (self.num_frames, self.image_size, self.image_size, 3)
+    if video.ndim != 5 or tuple(video.shape[1:]) != expected:
+      raise ValueError(f"video must be [B, {', '.join(map(str, expected))}] "
+                       f"(data.num_frames, data.image_size x2, RGB), got {video.shape}")
+
+  def embed(self, video: jax.Array, keep_rng: jax.Array | None = None) -> jax.Array:
+    """Tokens entering the first block: CLS and the (kept) patches with position embeddings.
+
+    Args:
+      video: uint8 [B, T, H, W, 3] (or float in [0, 255]).
+      keep_rng: PRNG key for token keeping; None keeps every patch (evaluation).
+
+    Returns:
+      [B, 1 + num_tubes * kept, D] in the compute dtype.
+    """
+    self._check_video(video)
+    b = video.shape[0]
+    x = self.patch_embed(normalize_video(video))  # [B, tubes, N, D]
+    pos = self.pos_embed[...]
+    x = (x + pos[:, None, 1:].astype(self.dtype)
+         + self.temporal_embed[...][:, :, None].astype(self.dtype))
+    if keep_rng is not None:
+      idx = sample_kept_indices(keep_rng, b, self.num_tubes, self.num_patches, self.num_kept)
+      x = jnp.take_along_axis(x, idx[..., None], axis=2)
+    x = x.reshape(b, -1, self.width)
+    cls = (self.cls_token[...] + pos[:, :1]).astype(self.dtype)
+    return jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)), x], axis=1)
+
+  def __call__(self, video: jax.Array, keep_rng: jax.Array | None = None) -> jax.Array:
+    """Encodes a batch of clips.
+
+    Args:
+      video: uint8 [B, T, H, W, 3] (or float in [0, 255]).
+      keep_rng: PRNG key for token keeping; None keeps every patch (evaluation).
+
+    Returns:
+      float32 [B, 1 + num_tubes * kept, D]: all tokens after the final LayerNorm, CLS first.
+    """
+    return self.norm(self.blocks(self.embed(video, keep_rng)))
