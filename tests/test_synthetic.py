@@ -1,0 +1,183 @@
+"""The synthetic demo world: deterministic, consistent narration, order only in the video."""
+import collections
+import glob
+import io
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from configs import tiny
+from data_pipelines import records
+from data_pipelines import synthetic
+from data_pipelines import tokenizer
+
+# Written independently of the module: the words that name each action (label index).
+ACTION_WORDS = [
+    {"appears", "emerges", "view"}, {"disappears", "vanishes", "fades"}, {"left"}, {"right"},
+    {"up"}, {"down"}, {"grows", "bigger", "expands"}, {"shrinks", "smaller", "contracts"},
+    {"turns", "becomes", "changes"},
+]
+ORDER_WORDS = {"first", "second", "third", "fourth", "then", "next", "finally", "last",
+               "after", "afterwards", "before", "again", "another", "later", "begin", "end",
+               "start", "meanwhile", "previous", "earlier"}
+PALETTE = {name: np.array(rgb, np.float32) for name, rgb in synthetic.COLOURS.items()}
+
+
+def _records(pattern):
+  files = sorted(glob.glob(pattern))
+  return [records.parse_numpy(s) for s in tf.data.TFRecordDataset(files).as_numpy_iterator()]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("synthetic"))
+  info = synthetic.generate(out, 12, seed=3, split="train", num_shards=3, short_side=32,
+                            verbose=False)
+  return info, out, _records(os.path.join(out, "*.tfrecord*"))
+
+
+def test_deterministic_from_seed_and_independent_of_sharding(videos, tmp_path):
+  _, out, recs = videos
+  a = records.serialize(synthetic.make_video(3, "train", 5, short_side=32))
+  assert a == records.serialize(synthetic.make_video(3, "train", 5, short_side=32))
+  assert a != records.serialize(synthetic.make_video(4, "train", 5, short_side=32))
+  assert a != records.serialize(synthetic.make_video(3, "eval", 5, short_side=32))
+  synthetic.generate(str(tmp_path), 12, seed=3, split="train", num_shards=5, short_side=32,
+                     verbose=False)
+  other = {r["video_id"]: r for r in _records(str(tmp_path / "*.tfrecord*"))}
+  for r in recs:
+    o = other[r["video_id"]]
+    assert o["frames"] == r["frames"] and o["words"] == r["words"]
+    np.testing.assert_array_equal(o["word_starts"], r["word_starts"])
+
+
+def test_records_and_info(videos):
+  info, out, recs = videos
+  assert len(recs) == 12 and len({r["video_id"] for r in recs}) == 12
+  assert info["num_action_labels"] == len(info["action_names"]) == 9
+  assert info["splits"]["train"]["num_records"] == 12
+  assert sorted(info["shard_counts"]) == sorted(os.path.basename(f) for f in
+                                                glob.glob(os.path.join(out, "*.tfrecord*")))
+  assert sum(info["shard_counts"].values()) == 12
+  for r in recs:
+    assert 20.0 <= r["duration"] <= 45.0
+    assert (r["height"], r["width"]) == (32, 40)
+    image = np.asarray(Image.open(io.BytesIO(r["frames"][0])))
+    assert image.shape == (32, 40, 3)
+    np.testing.assert_allclose(r["frame_times"], np.arange(len(r["frames"])) / r["fps"],
+                               atol=1e-5)
+    assert r["frame_times"][-1] <= r["duration"]
+    assert len(r["words"]) == len(r["word_starts"]) == len(r["word_ends"])
+    assert (np.diff(r["word_starts"]) > 0).all() and (r["word_ends"] > r["word_starts"]).all()
+    starts, ends = r["segment_starts"], r["segment_ends"]
+    assert 8 <= len(starts) <= 11
+    assert (ends - starts >= 2.5 - 1e-4).all() and (ends - starts <= 3.5 + 1e-4).all()
+    assert (starts[1:] > ends[:-1]).all()  # one event after another
+    assert ((r["segment_labels"] >= 0) & (r["segment_labels"] < 9)).all()
+
+
+def _segment_words(r, i):
+  # Timing jitter may move a sentence's first word a little before its event.
+  a, b = r["segment_starts"][i] - 0.15, r["segment_ends"][i]
+  return [w for w, t in zip(r["words"], r["word_starts"]) if a <= t < b]
+
+
+def test_narration_matches_segment_labels(videos):
+  _, _, recs = videos
+  named = total = 0
+  for r in recs:
+    assert sum(len(_segment_words(r, i)) for i in range(len(r["segment_labels"]))) == len(
+        r["words"])  # every word is spoken during an event
+    for i, label in enumerate(r["segment_labels"]):
+      words = set(_segment_words(r, i))
+      for other, keys in enumerate(ACTION_WORDS):
+        if other != label:
+          assert not words & keys, (words, label)
+      named += bool(words & ACTION_WORDS[label])
+      total += 1
+  assert named / total > 0.8  # the rest lost the action word to ASR noise
+
+  rng = np.random.default_rng(1)  # many more events, unrendered: each sentence in its event
+  for _ in range(500):
+    for e in synthetic._event_plan(rng, (8, 11))["events"]:  # pylint: disable=protected-access
+      assert e["start"] - 0.1 <= e["word_starts"][0] and e["word_ends"][-1] <= e["end"]
+
+
+def _palette_pixels(frame, colour):
+  return int((np.linalg.norm(frame.astype(np.float32) - PALETTE[colour], axis=-1) < 40).sum())
+
+
+def test_object_on_screen_only_during_its_event(videos):
+  _, _, recs = videos
+  checked = 0
+  for r in recs[:4]:
+    times = np.asarray(r["frame_times"])
+    decode = lambda f: np.asarray(Image.open(io.BytesIO(r["frames"][f])))  # pylint: disable=cell-var-from-loop
+    for i in range(len(r["segment_labels"])):
+      colours = [w for w in _segment_words(r, i) if w in PALETTE]
+      if not colours:
+        continue  # the colour word was dropped
+      mid = (r["segment_starts"][i] + r["segment_ends"][i]) / 2
+      frame = decode(int(np.argmin(np.abs(times - mid))))
+      assert max(_palette_pixels(frame, c) for c in colours) >= 4
+      checked += 1
+    in_event = np.zeros(len(times), bool)
+    for s, e in zip(r["segment_starts"], r["segment_ends"]):
+      in_event |= (times >= s) & (times < e)
+    for f in np.nonzero(~in_event)[0]:
+      frame = decode(f)
+      assert all(_palette_pixels(frame, c) == 0 for c in PALETTE)
+  assert checked > 20
+
+
+def test_order_is_not_in_the_text():
+  # The sentences of a video are exchangeable: the same distribution at every position, and no
+  # word that refers to time or to another sentence.
+  rng = np.random.default_rng(0)
+  by_position = collections.defaultdict(list)
+  for _ in range(3000):
+    plan = synthetic._event_plan(rng, (8, 11))  # pylint: disable=protected-access
+    for p, e in enumerate(plan["events"][:8]):
+      assert not set(e["words"]) & ORDER_WORDS
+      colour = next((w for w in e["words"] if w in PALETTE), None)
+      by_position[p].append((e["action"], len(e["words"]), e["words"][0], colour))
+
+  def distribution(p, field):
+    counts = collections.Counter(x[field] for x in by_position[p])
+    return {k: v / len(by_position[p]) for k, v in counts.items()}
+
+  for field in range(4):
+    first = distribution(0, field)
+    for p in (3, 7):
+      other = distribution(p, field)
+      tv = 0.5 * sum(abs(first.get(k, 0) - other.get(k, 0)) for k in set(first) | set(other))
+      assert tv < 0.06, (field, p, tv)
+
+
+def test_ensure_demo_data_is_idempotent(tmp_path, capsys):
+  c = tiny.get_config()
+  c.demo.update(num_train_videos=8, num_eval_videos=4, vocab_size=64)
+  paths = synthetic.ensure_demo_data(c, str(tmp_path))
+  assert len(glob.glob(paths["train"])) >= 1 and len(glob.glob(paths["eval"])) >= 1
+  assert sum(1 for _ in tf.data.TFRecordDataset(glob.glob(paths["train"]))) == 8
+  assert sum(1 for _ in tf.data.TFRecordDataset(glob.glob(paths["eval"]))) == 4
+  tok = tokenizer.Tokenizer(paths["tokenizer"])
+  ids, _ = tok.encode(["the red circle moves left"], 16)
+  assert tokenizer.UNK_ID not in ids
+  info = records.read_info(os.path.dirname(paths["train"]))
+  assert sum(info["shard_counts"].values()) == 12
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+  mtime = os.path.getmtime(paths["tokenizer"])
+  capsys.readouterr()
+
+  assert synthetic.ensure_demo_data(c, str(tmp_path)) == paths
+  assert "reusing" in capsys.readouterr().out
+  assert os.path.getmtime(paths["tokenizer"]) == mtime
+
+  c.demo.num_eval_videos = 5  # other options: another set beside the first
+  other = synthetic.ensure_demo_data(c, str(tmp_path), verbose=False)
+  assert other["train"] != paths["train"]
+  assert len(os.listdir(tmp_path)) == 2
