@@ -27,8 +27,8 @@ setuptools.setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
-        # Only to import PyTorch checkpoints (MAE, reference TVTS) and for parity tests.
-        "torch": ["torch", "timm"],
+        # Only to import PyTorch checkpoints (MAE, reference TVTS) and for their parity tests.
+        "torch": ["torch", "torchvision", "timm"],
+        "test": ["pytest", "pytest-xdist", "torch", "torchvision", "timm"],
     },
 )

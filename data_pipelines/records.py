@@ -98,7 +98,10 @@ def serialize(r: VideoRecord) -> bytes:
       "segment_starts": _floats(r.segment_starts),
       "segment_ends": _floats(r.segment_ends),
   }
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  # Deterministic: protobuf writes map entries in a per-process order otherwise, and the local
+  # and Beam converters must write byte-identical shards.
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
+      deterministic=True)
 
 
 _SCALARS = {

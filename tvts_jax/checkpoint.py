@@ -21,9 +21,18 @@ class CheckpointMismatchError(ValueError):
   """The checkpoint in the workdir was written for a different model or optimizer."""
 
 
+def _key_name(key) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
 def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{'params/video/norm/scale/value': shape}: one naming for live trees and saved metadata
+  (which stores tuples and attribute nodes as plain dicts)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ())) for p, x in flat}
+  return {"/".join(_key_name(k) for k in p): tuple(getattr(x, "shape", ())) for p, x in flat}
 
 
 class Checkpointer:
@@ -33,6 +42,8 @@ class Checkpointer:
     self.directory = os.path.join(workdir, "checkpoints")
     self._manager = ocp.CheckpointManager(
         self.directory,
+        # Named so that a fresh process can read the metadata before the first save.
+        item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
             # Leftovers of a save interrupted by a crash are removed, never read.

@@ -200,9 +200,9 @@ def _eval_and_write(trainer, make_eval, writer, step) -> dict[str, float]:
     metrics = trainer.evaluate(make_eval(), shuffled=shuffled)
     results.update({f"{name}/{k}": v for k, v in metrics.items()})
   writer.write_scalars(step, results)
-  logging.info("eval @%d: sort_acc_all %.3f (shuffled frames %.3f, chance %.3f)", step,
-               results.get("eval/sort_acc_all", float("nan")),
-               results.get("eval_shuffled_frames/sort_acc_all", float("nan")),
+  logging.info("eval @%d: sort_acc %.3f (shuffled frames %.3f, chance %.3f)", step,
+               results.get("eval/sort_acc", float("nan")),
+               results.get("eval_shuffled_frames/sort_acc", float("nan")),
                1.0 / np.prod(np.arange(1, trainer.config.data.num_clips + 1)))
   return results
 
