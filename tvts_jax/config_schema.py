@@ -15,6 +15,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("step", "cosine", "constant")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 NONFINITE_POLICIES = ("skip", "stop")
+# `eval.protocols` names (tvts_jax/evaluate.py implements each).
+EVAL_PROTOCOLS = ("probe", "v2v_retrieval", "sort", "t2v_retrieval")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -54,7 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
       scan_layers=False,
       video=ml_collections.ConfigDict(dict(
           width=768, depth=12, num_heads=12, mlp_dim=3072,
-          patch_size=16, tubelet=2, keep_ratio=0.25, ln_eps=1e-6)),
+          patch_size=16, tubelet=2, keep_ratio=0.25, ln_eps=1e-6,
+          # The reference zero-inits the temporal embedding; from scratch (no MAE init) a small
+          # random init lets the sorter tell the slices apart from the first step.
+          temporal_init="zeros")),
       text=ml_collections.ConfigDict(dict(
           vocab_size=32_000, width=768, depth=6, num_heads=12, mlp_dim=3072, ln_eps=1e-6)),
       sorter=ml_collections.ConfigDict(dict(
@@ -85,6 +90,21 @@ def base_config() -> ml_collections.ConfigDict:
   # The synthetic narrated-video world used when data.train_records is empty.
   c.demo = ml_collections.ConfigDict(dict(
       num_train_videos=2_000, num_eval_videos=200, vocab_size=200))
+
+  # `main.py --mode=eval` (tvts_jax/evaluate.py). Record globs left empty fall back to the demo
+  # data's train / eval splits when data.train_records is empty; otherwise the protocols that
+  # need them are skipped (and say so).
+  c.eval = ml_collections.ConfigDict(dict(
+      protocols=",".join(EVAL_PROTOCOLS),
+      probe_train_records="",  # labelled records (prepare --labels=folders|csv)
+      probe_test_records="",
+      retrieval_records="",  # video-to-video retrieval; empty: probe_test_records
+      heldout_records="",  # transcript sorting and text-to-video; empty: data.eval_records
+      max_examples=0,  # per labelled set; 0: all
+      probe_weight_decays=(0.0, 1e-4, 1e-3, 1e-2),  # swept on a held-out part of the train set
+      probe_holdout_fraction=0.2,
+      probe_steps=500,  # L-BFGS iterations at most (full batch; stops at convergence)
+  ))
   return c
 
 
@@ -118,6 +138,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("optim.schedule", config.optim.schedule, SCHEDULES)
   _choice("model.remat", config.model.remat, REMAT_POLICIES)
   _choice("nonfinite", config.nonfinite, NONFINITE_POLICIES)
+  _choice("model.video.temporal_init", config.model.video.temporal_init, ("zeros", "normal"))
 
   d, v = config.data, config.model.video
   for name in ("batch_size", "total_steps", "log_every_steps", "eval_every_steps",
@@ -156,6 +177,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       "'tvts_torch:PATH'")
   if config.mesh.fsdp < 1 or (config.mesh.data < 1 and config.mesh.data != -1):
     raise ConfigError(f"mesh={config.mesh}; data is -1 or >= 1 and fsdp >= 1")
+  e = config.eval
+  for name in (p.strip() for p in e.protocols.split(",") if p.strip()):
+    _choice("eval.protocols entry", name, EVAL_PROTOCOLS)
+  if not e.probe_weight_decays or min(e.probe_weight_decays) < 0:
+    raise ConfigError(f"eval.probe_weight_decays={e.probe_weight_decays} must be non-negative "
+                      "values (at least one)")
+  if not 0.0 <= e.probe_holdout_fraction < 1.0:
+    raise ConfigError(f"eval.probe_holdout_fraction={e.probe_holdout_fraction} must be in [0, 1)")
+  if e.probe_steps < 1:
+    raise ConfigError(f"eval.probe_steps={e.probe_steps} must be positive")
   return config
 
 

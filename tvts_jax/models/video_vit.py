@@ -14,7 +14,7 @@ Parameters (D = model.video.width, t = tubelet, p = patch_size, N = num_patches)
     patch_embed/bias      [D]
     cls_token             [1, 1, D]
     pos_embed             [1, N + 1, D]     spatial, slot 0 is CLS (timm's pos_embed layout)
-    temporal_embed        [1, num_tubes, D] zero-init
+    temporal_embed        [1, num_tubes, D] zero-init (model.video.temporal_init)
     blocks/layers/...     see layers.BlockStack
     norm/scale, norm/bias [D]               final LayerNorm
 """
@@ -125,7 +125,10 @@ class VideoViT(nnx.Module):
     self.cls_token = nnx.Param(normal(rngs.params(), (1, 1, v.width), jnp.float32))
     self.pos_embed = nnx.Param(
         normal(rngs.params(), (1, self.num_patches + 1, v.width), jnp.float32))
-    self.temporal_embed = nnx.Param(jnp.zeros((1, self.num_tubes, v.width), jnp.float32))
+    temporal_shape = (1, self.num_tubes, v.width)
+    self.temporal_embed = nnx.Param(
+        normal(rngs.params(), temporal_shape, jnp.float32) if v.temporal_init == "normal"
+        else jnp.zeros(temporal_shape, jnp.float32))
     self.blocks = layers.BlockStack(
         v.depth, v.width, v.num_heads, v.mlp_dim, ln_eps=v.ln_eps, dtype=self.dtype,
         scan_layers=config.model.scan_layers, remat=config.model.remat, rngs=rngs)
