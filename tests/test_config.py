@@ -1,0 +1,101 @@
+"""The config schema: every shipped config is valid; a typo or an impossible shape is a
+`ConfigError` naming the key, raised before the trainer touches the workdir or the devices."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import tiny
+from tvts_jax import config_schema, train
+from tvts_jax.config_schema import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", ["paper", "small", "demo", "tiny"])
+def test_shipped_configs_are_valid(name):
+  config_schema.validate(importlib.import_module(f"configs.{name}").get_config())
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("totl_steps", 5, r"unknown config key 'totl_steps' \(did you mean 'total_steps'\?\)"),
+    ("model.video.widht", 64, r"unknown config key 'model\.video\.widht'"),
+    ("data.skip_corrupt", True, r"unknown config key 'data\.skip_corrupt'"),
+])
+def test_unknown_key_is_named(key, value, message):
+  config = tiny.get_config()
+  parent, _, leaf = key.rpartition(".")
+  group = config
+  for part in filter(None, parent.split(".")):
+    group = group[part]
+  group[leaf] = value  # a ConfigDict accepts new keys unless locked: validate must catch them
+  with pytest.raises(ConfigError, match=message):
+    config_schema.validate(config)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.video.patch_size": 7}, "patch_size=7 does not divide data.image_size=32"),
+    ({"data.num_frames": 5}, "tubelet=2 does not divide data.num_frames=5"),
+    ({"data.resize_short": 16}, "resize_short=16 is smaller than the crop"),
+    ({"model.video.num_heads": 3}, "model.video.width=32 is not divisible by num_heads=3"),
+    ({"model.text.num_heads": 5}, "model.text.width=32 is not divisible by num_heads=5"),
+    ({"model.sorter.num_heads": 3}, "model.sorter.num_heads=3 does not divide"),
+    ({"model.video.keep_ratio": 0.0}, r"keep_ratio=0.0 must be in \(0, 1\]"),
+    ({"data.num_clips": 1}, "sorting needs at least 2 clips"),
+    ({"sort_loss": "sinkhorn", "data.num_clips": 9}, "num_clips must be <= 8"),
+    ({"data.text_len": 1}, "text_len=1 must be at least 2"),
+    ({"data.clip_seconds": (0,)}, "clip_seconds=.* must be positive"),
+    ({"batch_size": 0}, "batch_size must be positive"),
+    ({"checkpoint_every_steps": -1}, "checkpoint_every_steps must be positive"),
+    ({"mesh.fsdp": 0}, "fsdp >= 1"),
+    ({"nonfinite": "ignore"}, "nonfinite='ignore'; must be one of"),
+    ({"optim.schedule": "linear"}, "optim.schedule='linear'"),
+    ({"init_from": "bert:/x"}, "expected 'mae:PATH' or 'tvts_torch:PATH'"),
+])
+def test_impossible_values_are_named(overrides, message):
+  config = tiny.get_config()
+  for key, value in overrides.items():
+    group = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+      group = group[part]
+    group[leaf] = value
+  with pytest.raises(ConfigError, match=message):
+    config_schema.validate(config)
+
+
+def test_trainer_rejects_a_bad_config_before_creating_the_workdir(tmp_path):
+  config = tiny.get_config()
+  config.model.video.patch_size = 5
+  with pytest.raises(ConfigError, match="patch_size=5"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"batch_size": 12}, "batch_size=12 is not divisible by the 8 devices"),
+    ({"mesh.data": 3, "mesh.fsdp": 2}, "does not cover the 8 devices"),
+])
+def test_batch_or_mesh_that_does_not_fit_the_devices_fails_before_compiling(
+    tmp_path, overrides, message):
+  """Shapes that depend on the machine, checked when the mesh is built (8 test devices)."""
+  config = tiny.get_config()
+  config.update_from_flattened_dict(overrides)
+  config.data.train_records = str(tmp_path / "never-read-*")
+  config.data.tokenizer = "never-read.model"
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_unknown_key_on_the_command_line_stops_main_before_any_work(tmp_path):
+  """main.py locks the config: `--config.totl_steps=5` is a usage error at flag parsing."""
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "main.py"), "--config=configs/tiny.py",
+       f"--workdir={tmp_path / 'run'}", "--config.totl_steps=5"],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode != 0
+  assert "totl_steps" in result.stderr, result.stderr[-2000:]
+  assert not (tmp_path / "run").exists()
