@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # Per-block rematerialisation policies, by config name (`model.remat`). 'none' is no
@@ -73,26 +74,51 @@ class Attention(nnx.Module):
     self.qkv = linear(width, 3 * width, dtype, rngs, kernel_init=_qkv_init)
     self.proj = linear(width, width, dtype, rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               num_queries: int | None = None) -> jax.Array:
     """Attends over the sequence.
 
     Args:
       x: [B, S, D] tokens.
       mask: optional bool [B, S] key-padding mask, True where a key may be attended to. A row
         with no True key attends uniformly (finite output), it does not produce NaN.
+      num_queries: only the first `num_queries` tokens attend (all S by default); every
+        token is still a key and a value.
 
     Returns:
-      [B, S, D] in the module's compute dtype.
+      [B, num_queries or S, D] in the module's compute dtype.
     """
     b, s, d = x.shape
-    qkv = self.qkv(x).reshape(b, s, 3, self.num_heads, d // self.num_heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    h = self.num_heads
+    if num_queries is None:
+      qkv = self.qkv(x).reshape(b, s, 3, h, d // h)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      num_queries = s
+    else:
+      # The q columns of the fused kernel on the queried rows only, k|v on every row: what
+      # `self.qkv` computes for the rows that are used.
+      kernel = self.qkv.kernel[...].astype(self.qkv.dtype)
+      bias = self.qkv.bias[...].astype(self.qkv.dtype)
+      x = x.astype(self.qkv.dtype)
+      q = (x[:, :num_queries] @ kernel[:, :d] + bias[:d]).reshape(b, num_queries, h, d // h)
+      kv = (x @ kernel[:, d:] + bias[d:]).reshape(b, s, 2, h, d // h)
+      k, v = kv[:, :, 0], kv[:, :, 1]
     if mask is not None:
       mask = mask[:, None, None, :]  # [B, heads, queries, keys], broadcast
     # One fused-attention entry point for every backend; implementation=None leaves the
     # kernel choice to JAX (XLA's today), with the softmax in float32 whatever the dtype.
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    return self.proj(out.reshape(b, s, d))
+    return self.proj(out.reshape(b, num_queries, d))
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x), as torch.nn.GELU() computes it: 0.5 x (1 + erf(x / sqrt 2)).
+
+  `jax.nn.gelu(approximate=False)` computes the same function with erfc, whose XLA:CPU
+  expansion (two branches and an exp) made GELU and its gradient several times slower than
+  erf's polynomial; the two agree to within 1e-6.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
 
 
 class Mlp(nnx.Module):
@@ -103,7 +129,42 @@ class Mlp(nnx.Module):
     self.fc2 = linear(mlp_dim, width, dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    return self.fc2(gelu(self.fc1(x)))
+
+
+@jax.custom_vjp
+def _grad_fusion_barrier(x: jax.Array) -> jax.Array:
+  return x
+
+
+def _grad_fusion_barrier_fwd(x):
+  return x, None
+
+
+def _grad_fusion_barrier_bwd(_, g):
+  # A conditional is a fusion boundary that XLA keeps (optimization_barrier is expanded away
+  # before fusion). Both branches give g whenever it is finite; the NaN branch can only make a
+  # gradient that already has a NaN all-NaN, and such a step is skipped either way.
+  first = g.reshape(-1)[0]
+  return (jax.lax.cond(first == first, lambda t: t, lambda t: jnp.full_like(t, jnp.nan), g),)
+
+
+_grad_fusion_barrier.defvjp(_grad_fusion_barrier_fwd, _grad_fusion_barrier_bwd)
+
+
+def grad_fusion_barrier(x: jax.Array) -> jax.Array:
+  """The identity; on CPU its gradient is computed once and stored, never fused onward.
+
+  The residual stream's gradient at block i sums the contributions of every later block.
+  XLA:CPU fused that elementwise sum (LayerNorm backward included) into each of its
+  consumers, among them the transposes feeding the weight-gradient matmuls, so every block
+  recomputed the whole chain above it: work quadratic in depth (1.2 s of a 4.7 s step of the
+  paper config). Storing it once per block is what GPUs and TPUs do anyway, and a
+  conditional there would cost a device-host round trip, so only CPU gets the barrier.
+  """
+  if jax.default_backend() != "cpu":
+    return x
+  return _grad_fusion_barrier(x)
 
 
 class Block(nnx.Module):
@@ -127,18 +188,22 @@ class Block(nnx.Module):
     self.norm2 = layer_norm(width, ln_eps, dtype, rngs)
     self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               num_queries: int | None = None) -> jax.Array:
     """Applies the block.
 
     Args:
       x: [B, S, D] tokens (cast to the compute dtype).
       mask: optional bool [B, S] key-padding mask (see `Attention`).
+      num_queries: compute the output of the first `num_queries` tokens only (all by
+        default); the others still serve as keys and values.
 
     Returns:
-      [B, S, D] in the compute dtype.
+      [B, num_queries or S, D] in the compute dtype.
     """
-    x = x.astype(self.dtype)
-    x = x + self.attn(self.norm1(x), mask)
+    x = grad_fusion_barrier(x.astype(self.dtype))
+    residual = x if num_queries is None else x[:, :num_queries]
+    x = residual + self.attn(self.norm1(x), mask, num_queries)
     return x + self.mlp(self.norm2(x))
 
 
@@ -185,23 +250,26 @@ class BlockStack(nnx.Module):
     else:
       self.layers = nnx.List([make_block(rngs) for _ in range(depth)])
 
-  def _remat(self, fn):
+  def _remat(self, fn, in_scan: bool = False):
     if self.remat == "none":
       return fn
     # Inside scan the loop already prevents XLA from CSE-ing the recomputation away, and
     # prevent_cse=True would only block optimisations there (jax.checkpoint docs).
-    return jax.checkpoint(fn, policy=REMAT_POLICIES[self.remat],
-                          prevent_cse=not self.scan_layers)
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[self.remat], prevent_cse=not in_scan)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               num_queries: int | None = None) -> jax.Array:
     """Applies the blocks in order.
 
     Args:
       x: [B, S, D] tokens.
       mask: optional bool [B, S] key-padding mask, shared by all blocks.
+      num_queries: the caller reads only the first `num_queries` output tokens, so the last
+        block computes only those (keys and values still come from every token): most of
+        its work when a stack is read out at a few positions (text tower, sorter).
 
     Returns:
-      [B, S, D] in the compute dtype.
+      [B, num_queries or S, D] in the compute dtype.
     """
     if self.scan_layers:
       graphdef, state = nnx.split(self.layers)
@@ -211,15 +279,24 @@ class BlockStack(nnx.Module):
 
       # The carry must keep one dtype across iterations.
       x = x.astype(self.layers.dtype)
-      x, _ = jax.lax.scan(self._remat(body), x, state)
-      return x
+      if num_queries is None:
+        x, _ = jax.lax.scan(self._remat(body, in_scan=True), x, state)
+        return x
+      if self.depth > 1:
+        x, _ = jax.lax.scan(self._remat(body, in_scan=True), x,
+                            jax.tree.map(lambda a: a[:-1], state))
+      last = jax.tree.map(lambda a: a[-1], state)
+      return self._remat(lambda s, h, m: nnx.merge(graphdef, s)(h, m, num_queries))(
+          last, x, mask)
 
-    for block in self.layers:
+    for i, block in enumerate(self.layers):
+      queries = num_queries if i == self.depth - 1 else None
       if self.remat == "none":
-        x = block(x, mask)
+        x = block(x, mask, queries)
       else:
         graphdef, state = nnx.split(block)
-        x = self._remat(lambda s, h, m, g=graphdef: nnx.merge(g, s)(h, m))(state, x, mask)
+        x = self._remat(lambda s, h, m, g=graphdef, q=queries: nnx.merge(g, s)(h, m, q))(
+            state, x, mask)
     return x
 
 

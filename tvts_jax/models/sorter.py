@@ -1,9 +1,10 @@
 """The order head: which clip does each (shuffled) transcript belong to?
 
-The sorter reads every video output token (CLS included) followed by the K transcript features.
+The sorter reads the K transcript features and every video output token (CLS included).
 Transcripts get a type embedding but no position embedding, so the sorter is equivariant to
 their order: permuting the transcripts permutes the rows of the output, and the order can only
-be read off the video.
+be read off the video. (Nothing has a position embedding, so the order of the sequence is
+free: the transcripts come first, which lets the last block compute only their K rows.)
 
 Parameters (D = model.video.width, Dt = model.text.width, K = data.num_clips):
     text_proj/kernel, bias  [Dt, D], [D]   only when Dt != D
@@ -59,7 +60,7 @@ class Sorter(nnx.Module):
     Returns:
       float32 [B, K, K]; logits[b, k, j] scores "transcript k belongs to clip j".
     """
-    b, n, _ = video_tokens.shape
+    b = video_tokens.shape[0]
     if text_features.shape[:2] != (b, self.num_clips):
       raise ValueError(f"text_features must be [B={b}, K={self.num_clips}, Dt]; got "
                        f"{text_features.shape}")
@@ -67,7 +68,9 @@ class Sorter(nnx.Module):
     if self.text_proj is not None:
       text = self.text_proj(text)
     type_embed = self.type_embed[...].astype(self.dtype)
-    x = jnp.concatenate([video_tokens.astype(self.dtype) + type_embed[0],
-                         text + type_embed[1]], axis=1)
-    x = self.blocks(x)
-    return self.head(self.norm(x[:, n:]))
+    # Text first: the sorter has no position embedding, so attention does not depend on the
+    # token order, and with the K read-out tokens first the last block computes only them.
+    x = jnp.concatenate([text + type_embed[1],
+                         video_tokens.astype(self.dtype) + type_embed[0]], axis=1)
+    x = self.blocks(x, num_queries=self.num_clips)
+    return self.head(self.norm(x))

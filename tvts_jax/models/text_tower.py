@@ -64,6 +64,7 @@ class TextTower(nnx.Module):
     ids = ids.reshape(b * k, length)
     mask = mask.reshape(b * k, length).astype(bool)
     x = self.token_embed(ids) + self.pos_embed[...][:, :length].astype(self.dtype)
-    x = self.blocks(x, mask)
-    # Only the first token is read out, so the final LayerNorm runs on it alone.
+    # Only the first token is read out: the last block computes its row alone, and the final
+    # LayerNorm runs on it alone.
+    x = self.blocks(x, mask, num_queries=1)
     return self.norm(x[:, 0]).reshape(b, k, self.width)

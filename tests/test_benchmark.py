@@ -1,0 +1,231 @@
+"""The benchmark's deterministic parts: FLOP count, MFU, HLO reading, batch search; and that
+remat / scan_layers give the plain model's loss and gradients. No timing is asserted."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from tvts_jax import benchmark, sharding, train
+from tvts_jax.models import layers
+
+# Compile time dominates these tests on CPU; LLVM's optimisations do not change the results.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def test_analytic_flops_match_a_hand_count_for_the_tiny_config():
+  # tiny: B=8, K=4; video D=32, depth 2, M=64, 4 frames of 32^2, tubelet 2, patch 8, keep
+  # 25% -> 2 slices of 16 patches, 4 kept each -> 1 + 2*4 = 9 tokens; text D=32, depth 1,
+  # M=64, L=8; sorter depth 1, M=64, 9 + 4 = 13 tokens; embed_dim E=16.
+  config = tiny.get_config()
+  flops = benchmark.analytic_flops(config, batch_size=8)
+  patch_embed = 2 * (8 * 2 * 4) * (2 * 8 * 8 * 3) * 32  # 64 kept tubelets of 384 values
+  video_block = (2 * (8 * 9) * 32 * 64  # k, v projections
+                 + 2 * (8 * 9) * (32 * 32 + 32 * 32)  # q and output projections
+                 + 2 * (8 * 9) * (2 * 32 * 64)  # fc1 + fc2
+                 + 2 * 2 * 8 * 9 * 9 * 32)  # scores + values
+  # The only text block is the last: keys/values of all 8 tokens, the rest for token 0.
+  text = (2 * (32 * 8) * 32 * 64 + 2 * 32 * (2 * 32 * 32 + 2 * 32 * 64)
+          + 2 * 2 * 32 * 1 * 8 * 32)
+  # The only sorter block is the last: keys/values of all 13 tokens, the rest for the K=4.
+  sorter = (2 * (8 * 13) * 32 * 64 + 2 * (8 * 4) * (2 * 32 * 32 + 2 * 32 * 64)
+            + 2 * 2 * 8 * 4 * 13 * 32)
+  heads = 2 * 8 * 32 * 16 + 2 * 32 * 32 * 16 + 2 * 8 * 8 * 16 + 2 * 32 * 32 * 4
+  assert flops["patch_embed"] == patch_embed == 1_572_864
+  assert flops["video_blocks"] == 2 * video_block == 2_525_184
+  assert flops["text"] == text == 1_474_560
+  assert flops["sorter"] == sorter == 872_448
+  assert flops["heads"] == heads == 51_200
+  assert flops["forward"] == 6_496_256
+  assert flops["total"] == 3 * 6_496_256
+
+
+def test_analytic_flops_scale_with_text_len_and_projection():
+  config = tiny.get_config()
+  short, full = (benchmark.analytic_flops(config, 8, text_len=n) for n in (4, 8))
+  assert short["text"] < full["text"]
+  assert short["video_blocks"] == full["video_blocks"]
+  # A text tower narrower than the video tower adds the sorter's input projection.
+  config.model.text.width = 16
+  config.model.text.num_heads = 2
+  narrow = benchmark.analytic_flops(config, 8)
+  extra = narrow["heads"] - (2 * 8 * 32 * 16 + 2 * 32 * 16 * 16 + 2 * 8 * 8 * 16
+                             + 2 * 32 * 32 * 4)
+  assert extra == 2 * 32 * 16 * 32
+
+
+@pytest.mark.parametrize("kind, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5", 459e12),
+    ("TPU v5p", 459e12),
+    ("TPU v6 lite", 918e12),
+    ("cpu", None),
+])
+def test_peak_table(kind, peak):
+  assert benchmark.peak_flops_per_device(kind) == peak
+
+
+def test_mfu_arithmetic():
+  # 1 PFLOP per step in 2 s on 4 devices of 250 TFLOP/s: 500 of 1000 TFLOP/s.
+  assert benchmark.mfu(1e15, 2.0, 4, 250e12) == pytest.approx(0.5)
+  assert benchmark.mfu(989e12 * 0.6, 1.0, 1, 989e12) == pytest.approx(0.6)
+  assert benchmark.mfu(1e15, 2.0, 4, None) is None
+
+
+_HLO = """HloModule jit_step, is_scheduled=true
+
+%fused_computation (param_0: bf16[4,8]) -> bf16[8,4] {
+  %param_0 = bf16[4,8]{1,0} parameter(0)
+  ROOT %transpose.1 = bf16[8,4]{1,0} transpose(%param_0), dimensions={1,0}
+}
+
+ENTRY %main.9 (state.1: f32[16,16], x.2: bf16[4,8]) -> (f32[16,16], bf16[8,8]) {
+  %state.1 = f32[16,16]{1,0} parameter(0)
+  %x.2 = bf16[4,8]{1,0} parameter(1)
+  %copy.3 = f32[16,16]{1,0} copy(%state.1)
+  %fusion.4 = bf16[8,4]{1,0} fusion(%x.2), kind=kLoop, calls=%fused_computation
+  %dot.5 = f32[8,8]{1,0} dot(%fusion.4, %x.2), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %exponential.6 = f32[8,8]{1,0} exponential(%dot.5)
+  %custom-call.7 = bf16[8,8]{1,0} custom-call(%x.2), custom_call_target="__cudnn$fmhaSoftmax"
+  %all-reduce.8 = f32[8,8]{1,0} all-reduce(%exponential.6), replica_groups={}, to_apply=%add
+  ROOT %tuple.9 = (f32[16,16]{1,0}, bf16[8,8]{1,0}) tuple(%copy.3, %custom-call.7)
+}
+"""
+
+
+def test_hlo_stats_reads_copies_dots_and_kernels():
+  stats = benchmark.hlo_stats(_HLO)
+  assert stats["copies"] == 1 and stats["copy_bytes"] == 16 * 16 * 4
+  assert stats["state_copies"] == 1 and stats["state_copy_bytes"] == 16 * 16 * 4
+  assert stats["transposes"] == 0 and stats["transposes_in_fusions"] == 1
+  assert stats["dots"] == {"bf16,bf16->f32": 1}
+  assert stats["exponentials"] == {"f32": 1}
+  assert stats["custom_calls"] == {"__cudnn$fmhaSoftmax": 1}
+  assert stats["fused_attention"]
+  assert stats["collectives"] == {"all-reduce": 1}
+
+
+def test_hlo_stats_of_a_compiled_donated_update_has_no_state_copy():
+  update = jax.jit(lambda s, g: jax.tree.map(lambda a, b: a - 0.1 * b, s, g),
+                   donate_argnums=(0,))
+  state = {"w": jnp.ones((64, 64)), "b": jnp.ones((64,))}
+  compiled = update.lower(state, state).compile()
+  stats = benchmark.hlo_stats(compiled.as_text())
+  assert stats["state_copies"] == 0
+  mem = benchmark.memory_analysis(compiled)
+  assert mem["alias"] == (64 * 64 + 64) * 4
+
+
+def test_find_max_batch_doubles_then_bisects(monkeypatch):
+  # A fake memory model: 1 GiB of state + 100 MiB per example per device; 4 devices.
+  per_example, fixed, limit = 100 * 2**20, 2**30, 8 * 2**30
+  compiled_batches = []
+
+  class _Mesh:
+    size = 4
+
+  class _Trainer:
+    mesh = _Mesh()
+
+  def fake_compile(trainer, config, batch, text_len):
+    del trainer, config, text_len
+    compiled_batches.append(batch)
+    return batch, 0.0, 0.0, None
+
+  monkeypatch.setattr(benchmark, "compile_step", fake_compile)
+  monkeypatch.setattr(benchmark, "memory_analysis",
+                      lambda batch: {"estimate": fixed + per_example * batch // 4})
+  config = ml_collections.ConfigDict(dict(batch_size=24))
+  out = benchmark.find_max_batch(_Trainer(), config, limit_bytes=limit, fraction=0.9,
+                                 log=lambda _: None)
+  # 0.9 * 8 GiB - 1 GiB = 6.2 GiB -> 63.5 examples per device -> 252 (a multiple of 4).
+  best = max(b for b in range(4, 1000, 4) if fixed + per_example * b // 4 <= 0.9 * limit)
+  assert out["max_batch"] == best == 252 and out["per_device"] == 63
+  assert compiled_batches[:4] == [24, 48, 96, 192]  # doubling from the config's batch
+  assert len(compiled_batches) == len(set(compiled_batches)) <= 12
+  # Starting above the limit halves first.
+  config.batch_size = 1024
+  assert benchmark.find_max_batch(_Trainer(), config, limit_bytes=limit, fraction=0.9,
+                                  log=lambda _: None)["max_batch"] == 252
+
+
+def _loss_and_grads(config, params_pure):
+  """Loss and gradients (list layout) of the training loss at the given parameters."""
+  graphdef, abstract = train.abstract_model(config)
+  pure = (layers.to_scanned_layout(params_pure) if config.model.scan_layers
+          else layers.to_list_layout(params_pure))
+  abstract.replace_by_pure_dict(pure)
+  params = abstract
+  batch = {k: jnp.asarray(v) for k, v in
+           benchmark.synthetic_batch(config, config.batch_size).items()}
+  rng = jax.random.key(3)
+
+  @jit
+  def run(p):
+    f = lambda q: train.model_outputs_and_loss(graphdef, q, batch, rng, config)[0]
+    return jax.value_and_grad(f)(p)
+
+  loss, grads = run(params)
+  return float(loss), layers.to_list_layout(grads.to_pure_dict())
+
+
+def test_remat_and_scan_match_the_plain_model():
+  config = tiny.get_config()
+  config.batch_size = 4
+  params = jit(lambda: nnx.split(train.build_model(config, 0))[1])().to_pure_dict()
+  params = jax.tree.map(np.asarray, params)
+  ref_loss, ref_grads = _loss_and_grads(config, params)
+  for scan, remat in ((False, "full"), (True, "none"), (True, "dots")):
+    c = config.copy_and_resolve_references()
+    c.model.scan_layers, c.model.remat = scan, remat
+    loss, grads = _loss_and_grads(c, params)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=f"{scan=} {remat=}")
+    flat_ref = jax.tree_util.tree_flatten_with_path(ref_grads)[0]
+    flat = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
+    for path, g in flat_ref:
+      np.testing.assert_allclose(flat[path], g, rtol=2e-4, atol=2e-5,
+                                 err_msg=f"{scan=} {remat=} {jax.tree_util.keystr(path)}")
+
+
+def test_benchmark_step_reports_every_key():
+  config = tiny.get_config()
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=2)))
+  trainer = train.Trainer(config, mesh)
+  report = benchmark.benchmark_step(trainer, config, steps=2, warmup=1, text_len=6)
+  for key in ("step_time_s", "clips_per_s", "flops_per_step", "flops_per_step_analytic",
+              "tflops_per_s", "mfu", "peak_memory_bytes", "compile_time_s", "device",
+              "batch_size"):
+    assert key in report, key
+  assert report["batch_size"] == 8 and report["text_len"] == 6
+  assert report["device"] == "cpu x8" and report["mfu"] is None
+  assert report["clips_per_s"] == pytest.approx(8 / report["step_time_s"])
+  assert report["flops_per_step_analytic"] == benchmark.analytic_flops(config, 8, 6)["total"]
+  assert report["flops_per_step"] > 0 and np.isfinite(report["loss"])
+  assert int(trainer.state["step"]) == 3
+  # Donation works: the state's outputs reuse its buffers, and no part of the state is copied
+  # (a scalar counter may be).
+  assert report["memory"]["alias"] >= report["state_bytes_per_device"] > 0
+  assert report["hlo"]["state_copy_bytes"] <= 64, report["hlo"]
+
+
+def test_bf16_config_runs_matmuls_in_bf16_and_softmax_in_f32():
+  config = tiny.get_config()
+  config.compute_dtype = "bfloat16"
+  trainer = train.Trainer(config, sharding.make_mesh(config.mesh))
+  lowered = trainer._train_step.lower(  # pylint: disable=protected-access
+      trainer.abstract_state(), benchmark._abstract_batch(trainer, config, 8, None))
+  stats = benchmark.lowered_stats(lowered.as_text())
+  bf16 = sum(n for k, n in stats["dots"].items() if k.startswith("bf16,bf16"))
+  # Every block matmul (forward and backward) is bf16; f32 ones are the small heads and losses.
+  assert bf16 > 2 * sum(n for k, n in stats["dots"].items() if not k.startswith("bf16,bf16"))
+  # Softmaxes, logsumexps and the losses exponentiate in f32; bf16 exps are GELU's gradient.
+  assert stats["exponentials"].get("f32", 0) >= 4
