@@ -10,7 +10,7 @@ r"""Speed, FLOPs, MFU and memory of the real training step; input-pipeline throu
 What it runs is the trainer's own step (`train.Trainer`: the sharded state, the jitted step with
 the state donated) on synthetic batches of the config's shapes, placed on the devices once so
 that the timing is the step alone. The last line printed is one JSON object; the keys are
-documented in `docs_benchmark.md` (README section "Benchmark"). The important ones:
+documented in the README section "Benchmark". The important ones:
 
     step_time_s          median over --steps timed steps, after --warmup untimed ones
     clips_per_s          batch_size / step_time_s
