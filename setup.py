@@ -22,6 +22,7 @@ setuptools.setup(
         "av>=12",  # PyAV, video decoding in data_pipelines
         "apache-beam>=2.60",
         "safetensors>=0.4",
+        "pillow",  # JPEG writing in the data tools and tests
         "tqdm",
         "absl-py",
         "numpy",
