@@ -726,6 +726,8 @@ def main(argv) -> None:
   # The trainer imports TensorFlow (tf.data): keep it off the accelerators, which are JAX's.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
+  from tvts_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_malloc_tuned = host_memory.configure(FLAGS.host_malloc)  # before JAX's CPU client
   from tvts_jax import train  # pylint: disable=g-import-not-at-top
 
   config = config_schema.validate(FLAGS.config)
@@ -765,6 +767,7 @@ def main(argv) -> None:
   report = benchmark_step(trainer, config, steps=FLAGS.steps, warmup=FLAGS.warmup,
                           text_len=text_len, batch_size=batch_size, dump_hlo=FLAGS.dump_hlo,
                           profile_dir=FLAGS.profile_dir)
+  report["host_malloc_tuned"] = host_malloc_tuned
   if search is not None:
     report["max_batch_search"] = search
     report["max_batch"] = search["max_batch"]
@@ -820,6 +823,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("input_videos", 32, "--input: synthetic videos to generate.")
   flags.DEFINE_string("dump_hlo", "", "Write the compiled step's optimised HLO to this file.")
   flags.DEFINE_string("profile_dir", "", "Write a jax.profiler trace of the timed steps here.")
+  flags.DEFINE_enum("host_malloc", "auto", ["auto", "on", "off"],
+                    "Host allocator tuning as in main.py (tvts_jax/host_memory.py).")
 
 
 if __name__ == "__main__":

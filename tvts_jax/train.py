@@ -13,13 +13,9 @@ one device.
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import importlib.metadata
-import importlib.util
 import json
 import os
-import pkgutil
 import time
 from typing import Any, Iterator
 
@@ -128,55 +124,6 @@ def eval_step(params, batch, *, graphdef, config, shuffled: bool):
                                            keep_tokens=True)
   n = batch["valid"].astype(jnp.float32).sum()
   return {k: v * n for k, v in metrics.items()}, n
-
-
-def keep_host_memory_mapped() -> bool:
-  """Stops glibc from handing large host buffers back to the OS between steps.
-
-  XLA:CPU mallocs a step's temporaries and frees them after the step. glibc serves a block
-  above 32 MiB (and, in a worker thread's own arena, any block above 64 MiB) with fresh mmap'ed
-  pages, so every step page-faulted its whole working set in again: 0.55M faults, about 10% of
-  a step of the paper config on 2 cores (0 faults after this). One arena that never mmaps and
-  never trims keeps the pages for reuse. It only reaches the threads that allocate after it, so
-  it must run before JAX creates its CPU client; this module calls it when it is imported
-  into a process whose JAX can only use the CPU (see `_cpu_only_process`). Costs: the
-  process keeps its peak host memory, and compiling is slower (one arena for the compiler's
-  threads: 20 s instead of 12 s for the paper config's step).
-
-  Returns:
-    Whether the allocator was reconfigured (False without glibc's mallopt).
-  """
-  try:
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
-  except (OSError, AttributeError):
-    return False
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # <malloc.h>
-  # A trim threshold of -1 is SIZE_MAX inside glibc: never trim.
-  return all(mallopt(option, value) == 1 for option, value in
-             ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1)))
-
-
-def _cpu_only_process() -> bool:
-  """Whether JAX can only run on the CPU here, decided without starting a backend."""
-  if jax.config.jax_platforms:  # JAX_PLATFORMS
-    return set(jax.config.jax_platforms.split(",")) == {"cpu"}
-  # Otherwise JAX picks an accelerator when its plugin is installed (GPU plugins live in the
-  # jax_plugins namespace or register an entry point; TPUs come with libtpu).
-  if importlib.util.find_spec("libtpu") is not None:
-    return False
-  if importlib.metadata.entry_points(group="jax_plugins"):
-    return False
-  try:
-    import jax_plugins  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return True
-  return not any(pkgutil.iter_modules(jax_plugins.__path__))
-
-
-# On accelerators the step's buffers live in device memory, and many input threads sharing one
-# malloc arena could slow them down; on CPU hosts the page faults cost 10% of every step.
-if _cpu_only_process():
-  keep_host_memory_mapped()
 
 
 class Trainer:
