@@ -4,11 +4,13 @@
         --split=train --seed=0 --num_shards=16
 
 Each video is a dark, textured, static background on which a sequence of events happens, one
-after another. An event features one object with a colour and a shape (a combination used once
-per video) that is on screen only during its own event, while it performs one action: it
-appears, disappears, moves left/right/up/down, grows, shrinks or changes colour. Every event is
-narrated by one short sentence spoken during it ("the red circle moves left", "um the blue
-square gets bigger"), with a little ASR-like noise: filler words, a dropped word, timing jitter.
+after another. An event features one large object (radius ~20% of the short side: at 64 px it
+covers several 16-px patches, so token keeping rarely hides it) with a colour and a shape (a
+combination used once per video) that is on screen only during its own event, while it performs
+one action: it appears, disappears, moves left/right/up/down, grows, shrinks or changes colour.
+Every event is narrated by one short sentence spoken during it ("the red circle moves left",
+"um the blue square gets bigger"), with a little ASR-like noise: filler words, a dropped word,
+timing jitter.
 
 Why this world suits TVTS: a transcript names what is on screen while it is spoken, so matching
 transcripts to time slices is learnable (colour and shape), but the sentences are drawn
@@ -42,7 +44,7 @@ import tensorflow as tf
 from data_pipelines import records
 from data_pipelines import tokenizer
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DEMO_SEED = 0  # the demo world is the same whatever config.seed (which drives sampling, init)
 DEMO_FPS = 4.0
 DEMO_ASPECT = 1.25  # width / height of the stored frames
@@ -82,7 +84,7 @@ FILLER_PROB = 0.25
 DROP_PROB = 0.1
 TIME_JITTER = 0.03
 # Fraction of an appear/disappear/colour-change event at which the change happens.
-SWITCH_AT = {"appear": 0.4, "disappear": 0.6, "change colour": 0.5}
+SWITCH_AT = {"appear": 0.25, "disappear": 0.75, "change colour": 0.5}
 
 
 def _event_plan(rng: np.random.Generator, events_per_video: tuple[int, int]) -> dict[str, Any]:
@@ -163,13 +165,13 @@ def _trajectory(rng: np.random.Generator, event: dict[str, Any], frac: np.ndarra
   colour and visibility of the event's object at fractions `frac` of the event."""
   action = event["action"]
   n = len(frac)
-  radius = np.full(n, rng.uniform(0.11, 0.15))
+  radius = np.full(n, rng.uniform(0.17, 0.22))
   x = np.full(n, rng.uniform(0.3, 0.7))
   y = np.full(n, rng.uniform(0.3, 0.7))
-  travel = 0.42
+  travel = 0.36
   if action.startswith("move "):
     direction = action.split()[1]
-    lo, hi = 0.22, 0.78
+    lo, hi = 0.25, 0.75
     along = rng.uniform(lo + travel, hi) if direction in ("left", "up") else rng.uniform(
         lo, hi - travel)
     sign = -1.0 if direction in ("left", "up") else 1.0
@@ -179,9 +181,9 @@ def _trajectory(rng: np.random.Generator, event: dict[str, Any], frac: np.ndarra
     else:
       y = path
   elif action == "grow":
-    radius = 0.07 + 0.14 * frac
+    radius = 0.11 + 0.17 * frac
   elif action == "shrink":
-    radius = 0.21 - 0.14 * frac
+    radius = 0.28 - 0.17 * frac
   colour = np.tile(np.array(COLOURS[event["colour"]], np.uint8), (n, 1))
   visible = np.ones(n, bool)
   switch = SWITCH_AT.get(action)

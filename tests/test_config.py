@@ -54,6 +54,7 @@ def test_unknown_key_is_named(key, value, message):
     ({"nonfinite": "ignore"}, "nonfinite='ignore'; must be one of"),
     ({"optim.schedule": "linear"}, "optim.schedule='linear'"),
     ({"init_from": "bert:/x"}, "expected 'mae:PATH' or 'tvts_torch:PATH'"),
+    ({"model.video.temporal_init_std": 0.0}, "temporal_init_std must be > 0"),
 ])
 def test_impossible_values_are_named(overrides, message):
   config = tiny.get_config()

@@ -198,6 +198,22 @@ def test_constructor_and_inputs_are_validated(base, batch):
 # --- video tower ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("init,std", [("zeros", 0.02), ("normal", 0.02), ("normal", 1.0)])
+def test_temporal_embedding_init(init, std):
+  # The demo's from-scratch recipe relies on a unit-scale time signature; the reference's
+  # zero init must stay exactly zero.
+  config = _config(**{"model.video.temporal_init": init, "model.video.temporal_init_std": std,
+                      "data.num_frames": 16})
+  model = tvts.build_model(config, 0)
+  temporal = np.asarray(model.video.temporal_embed[...])
+  assert temporal.shape == (1, 8, 32)
+  if init == "zeros":
+    assert not temporal.any()
+  else:
+    assert abs(temporal.std() - std) < 0.15 * std and abs(temporal.mean()) < 0.2 * std
+
+
+
 def test_tubelet_embed_is_a_strided_3d_conv():
   embed = video_vit.TubeletEmbed(2, 4, 5, dtype=jnp.float32, rngs=nnx.Rngs(0))
   embed.bias[...] = jnp.arange(5.0)

@@ -57,9 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
       video=ml_collections.ConfigDict(dict(
           width=768, depth=12, num_heads=12, mlp_dim=3072,
           patch_size=16, tubelet=2, keep_ratio=0.25, ln_eps=1e-6,
-          # The reference zero-inits the temporal embedding; from scratch (no MAE init) a small
-          # random init lets the sorter tell the slices apart from the first step.
-          temporal_init="zeros")),
+          # The reference zero-inits the temporal embedding (it starts from MAE weights). From
+          # scratch, "normal" with a std of the patch embeddings' scale (~1) gives every token a
+          # time signature from step 0; with zeros the sorter must grow it through its own
+          # gradient first and sat at chance for 1000+ steps on the demo (README, The demo).
+          temporal_init="zeros", temporal_init_std=0.02)),
       text=ml_collections.ConfigDict(dict(
           vocab_size=32_000, width=768, depth=6, num_heads=12, mlp_dim=3072, ln_eps=1e-6)),
       sorter=ml_collections.ConfigDict(dict(
@@ -139,6 +141,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("model.remat", config.model.remat, REMAT_POLICIES)
   _choice("nonfinite", config.nonfinite, NONFINITE_POLICIES)
   _choice("model.video.temporal_init", config.model.video.temporal_init, ("zeros", "normal"))
+  if not config.model.video.temporal_init_std > 0:
+    raise ConfigError("model.video.temporal_init_std must be > 0, got "
+                      f"{config.model.video.temporal_init_std}")
 
   d, v = config.data, config.model.video
   for name in ("batch_size", "total_steps", "log_every_steps", "eval_every_steps",

@@ -14,7 +14,7 @@ Parameters (D = model.video.width, t = tubelet, p = patch_size, N = num_patches)
     patch_embed/bias      [D]
     cls_token             [1, 1, D]
     pos_embed             [1, N + 1, D]     spatial, slot 0 is CLS (timm's pos_embed layout)
-    temporal_embed        [1, num_tubes, D] zero-init (model.video.temporal_init)
+    temporal_embed        [1, num_tubes, D] zero-init, or normal(model.video.temporal_init_std)
     blocks/layers/...     see layers.BlockStack
     norm/scale, norm/bias [D]               final LayerNorm
 """
@@ -127,7 +127,9 @@ class VideoViT(nnx.Module):
         normal(rngs.params(), (1, self.num_patches + 1, v.width), jnp.float32))
     temporal_shape = (1, self.num_tubes, v.width)
     self.temporal_embed = nnx.Param(
-        normal(rngs.params(), temporal_shape, jnp.float32) if v.temporal_init == "normal"
+        jax.nn.initializers.normal(v.temporal_init_std)(rngs.params(), temporal_shape,
+                                                        jnp.float32)
+        if v.temporal_init == "normal"
         else jnp.zeros(temporal_shape, jnp.float32))
     self.blocks = layers.BlockStack(
         v.depth, v.width, v.num_heads, v.mlp_dim, ln_eps=v.ln_eps, dtype=self.dtype,
