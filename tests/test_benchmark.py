@@ -229,3 +229,20 @@ def test_bf16_config_runs_matmuls_in_bf16_and_softmax_in_f32():
   assert bf16 > 2 * sum(n for k, n in stats["dots"].items() if not k.startswith("bf16,bf16"))
   # Softmaxes, logsumexps and the losses exponentiate in f32; bf16 exps are GELU's gradient.
   assert stats["exponentials"].get("f32", 0) >= 4
+
+
+def test_torch_reference_model_has_our_parameter_count_and_trains():
+  # The side-by-side PyTorch model must be the same architecture as ours (same parameter
+  # count, text width != video width so the sorter's text projection exists in both), and its
+  # step must run; it runs in a subprocess, as `benchmark --compare_torch` does.
+  pytest.importorskip("torch")
+  from tvts_jax import benchmark_torch  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.text.update(width=48, num_heads=2, mlp_dim=96)
+  ours = sum(x.size for x in jax.tree.leaves(
+      nnx.state(nnx.eval_shape(lambda: train.build_model(config)), nnx.Param)))
+  report = benchmark_torch.run_in_subprocess(config, text_len=6, steps=2, warmup=1)
+  assert report["torch_params"] == ours
+  assert report["torch_batch_size"] == 8 and report["torch_text_len"] == 6
+  assert len(report["torch_step_times_s"]) == 2 and report["torch_step_time_s"] > 0
+  assert np.isfinite(report["torch_loss"])

@@ -706,6 +706,10 @@ def _summary(report: dict[str, Any]) -> str:
                  f"{report['input_cores']} cores); step alone {report['clips_per_s']:.1f}; "
                  f"together {report['together_clips_per_s']:.1f} clips/s -> limited by "
                  f"{report['limited_by']}")
+  if "torch_step_time_s" in report:
+    lines.append(f"PyTorch reference architecture, same shapes: step "
+                 f"{report['torch_step_time_s']:.3f} s, {report['torch_clips_per_s']:.3f} "
+                 f"clips/s -> ours is {report['speedup_vs_torch']:.2f}x")
   return "\n".join(lines)
 
 
@@ -768,6 +772,15 @@ def main(argv) -> None:
                           text_len=text_len, batch_size=batch_size, dump_hlo=FLAGS.dump_hlo,
                           profile_dir=FLAGS.profile_dir)
   report["host_malloc_tuned"] = host_malloc_tuned
+  if FLAGS.compare_torch:
+    from tvts_jax import benchmark_torch  # pylint: disable=g-import-not-at-top
+    run_config = config.copy_and_resolve_references()
+    with run_config.unlocked():
+      run_config.batch_size = batch_size
+    log("timing the PyTorch model of the reference architecture at the same shapes ...")
+    report.update(benchmark_torch.run_in_subprocess(
+        run_config, report["text_len"], FLAGS.steps, FLAGS.warmup))
+    report["speedup_vs_torch"] = report["torch_step_time_s"] / report["step_time_s"]
   if search is not None:
     report["max_batch_search"] = search
     report["max_batch"] = search["max_batch"]
@@ -825,6 +838,10 @@ def _define_flags() -> None:
   flags.DEFINE_string("profile_dir", "", "Write a jax.profiler trace of the timed steps here.")
   flags.DEFINE_enum("host_malloc", "auto", ["auto", "on", "off"],
                     "Host allocator tuning as in main.py (tvts_jax/host_memory.py).")
+  flags.DEFINE_bool("compare_torch", False,
+                    "Then time a PyTorch model of the reference architecture at the same "
+                    "shapes (tvts_jax/benchmark_torch.py, in a subprocess; needs .[torch]) and "
+                    "report torch_step_time_s and speedup_vs_torch.")
 
 
 if __name__ == "__main__":
