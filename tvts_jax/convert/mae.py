@@ -62,19 +62,13 @@ def convert(sd: sd_lib.StateDict, config) -> dict[str, Any]:
 
   w = sd.take("patch_embed.proj.weight", "video/patch_embed/kernel", (d, 3, p, p))
   kernel = np.broadcast_to(w.transpose(2, 3, 1, 0)[None], (t, p, p, 3, d)).copy()
-  pos = sd.take("pos_embed", "video/pos_embed")
-  if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != d:
-    raise sd_lib.ConversionError(f"{sd.source}: 'pos_embed' has shape {pos.shape}, expected "
-                                 f"[1, 1 + grid, {d}]")
-  resized = sd_lib.resize_pos_embed(pos, n)
-  if resized is not pos:
-    sd.report.notes.append(f"pos_embed grid resized {pos.shape[1] - 1} -> {n} patches")
+  pos = sd_lib.pos_embed(sd, "pos_embed", "video/pos_embed", d, n)
   video = {
       "patch_embed": {
           "kernel": kernel,
           "bias": sd.take("patch_embed.proj.bias", "video/patch_embed/bias", (d,))},
       "cls_token": sd.take("cls_token", "video/cls_token", (1, 1, d)),
-      "pos_embed": resized,
+      "pos_embed": pos,
       "blocks": sd_lib.blocks(sd, "blocks", "video/blocks", v.depth, d, v.mlp_dim),
       "norm": sd_lib.layer_norm(sd, "norm", "video/norm", d),
   }

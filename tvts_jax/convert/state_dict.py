@@ -288,3 +288,21 @@ def resize_pos_embed(pos: np.ndarray, num_patches: int, num_prefix: int = 1) -> 
   resized = jax.image.resize(grid.reshape(old, old, d).astype(np.float32), (new, new, d),
                              method="cubic", antialias=False)
   return np.concatenate([prefix, np.asarray(resized).reshape(1, new * new, d)], axis=1)
+
+
+def pos_embed(sd: StateDict, key: str, ours: str, width: int, num_patches: int) -> np.ndarray:
+  """Takes a [1, 1 + grid, width] position embedding and resizes its grid to `num_patches`.
+
+  A resize is noted in the conversion report.
+
+  Raises:
+    ConversionError: the tensor is not [1, 1 + grid, width].
+  """
+  pos = sd.take(key, ours)
+  if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != width:
+    raise ConversionError(f"{sd.source}: {key!r} has shape {pos.shape}, expected "
+                          f"[1, 1 + grid, {width}]")
+  resized = resize_pos_embed(pos, num_patches)
+  if resized is not pos:
+    sd.report.notes.append(f"pos_embed grid resized {pos.shape[1] - 1} -> {num_patches} patches")
+  return resized

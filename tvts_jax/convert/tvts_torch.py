@@ -92,19 +92,13 @@ def convert(sd: sd_lib.StateDict, config) -> dict[str, Any]:
 
   w = sd.take("video_model.patch_embed.proj.weight", "video/patch_embed/kernel",
               (d, 3, t, p, p))
-  pos = sd.take("video_model.pos_embed", "video/pos_embed")
-  if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != d:
-    raise sd_lib.ConversionError(f"{sd.source}: 'video_model.pos_embed' has shape {pos.shape}, "
-                                 f"expected [1, 1 + grid, {d}]")
-  resized = sd_lib.resize_pos_embed(pos, n)
-  if resized is not pos:
-    sd.report.notes.append(f"pos_embed grid resized {pos.shape[1] - 1} -> {n} patches")
+  pos = sd_lib.pos_embed(sd, "video_model.pos_embed", "video/pos_embed", d, n)
   video = {
       "patch_embed": {
           "kernel": w.transpose(2, 3, 4, 1, 0),
           "bias": sd.take("video_model.patch_embed.proj.bias", "video/patch_embed/bias", (d,))},
       "cls_token": sd.take("video_model.cls_token", "video/cls_token", (1, 1, d)),
-      "pos_embed": resized,
+      "pos_embed": pos,
       "temporal_embed": sd.take("video_model.temporal_embed", "video/temporal_embed",
                                 (1, num_tubes, d)),
       "blocks": sd_lib.blocks(sd, "video_model.blocks", "video/blocks", v.depth, d, v.mlp_dim),
