@@ -58,12 +58,7 @@ def test_unknown_key_is_named(key, value, message):
 ])
 def test_impossible_values_are_named(overrides, message):
   config = tiny.get_config()
-  for key, value in overrides.items():
-    group = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-      group = group[part]
-    group[leaf] = value
+  config.update_from_flattened_dict(overrides)
   with pytest.raises(ConfigError, match=message):
     config_schema.validate(config)
 

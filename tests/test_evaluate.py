@@ -4,15 +4,14 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import train_process
 from configs import tiny
 from data_pipelines import records
-from tvts_jax import checkpoint as ckpt_lib
-from tvts_jax import config_schema, evaluate, export, input_pipeline, sharding, train
+from tvts_jax import config_schema, evaluate, export, input_pipeline
 
 # ---------------------------------------------------------------------------------------------
 # Metrics against hand-computed rankings.
@@ -187,15 +186,7 @@ def trained_workdir(tmp_path_factory):
   """A workdir holding a checkpoint of the untrained model (its init = the random baseline)."""
   config = _eval_config()
   workdir = str(tmp_path_factory.mktemp("run"))
-  one_device = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)),
-                                  devices=jax.devices()[:1])
-  trainer = train.Trainer(config, one_device)
-  checkpointer = ckpt_lib.Checkpointer(workdir, 2, async_save=False)
-  checkpointer.save(7, trainer.state)
-  checkpointer.close()
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort())
-  return workdir, trainer
+  return workdir, train_process.checkpoint_workdir(config, workdir, 7)
 
 
 def test_eval_mode_checkpoint_random_init_and_export(trained_workdir, capsys):

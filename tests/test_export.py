@@ -6,14 +6,13 @@ import subprocess
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+import train_process
 from configs import tiny
-from tvts_jax import checkpoint as ckpt_lib
-from tvts_jax import export, sharding, train
+from tvts_jax import export
 from tvts_jax.models import tvts as tvts_model
 
 
@@ -72,14 +71,7 @@ def test_checkpoint_export_gives_the_checkpoints_features(tmp_path):
   config.mesh.fsdp = 2
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
-  one_device = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)),
-                                  devices=jax.devices()[:1])
-  trainer = train.Trainer(config, one_device)
-  checkpointer = ckpt_lib.Checkpointer(workdir, 2, async_save=False)
-  checkpointer.save(5, trainer.state)
-  checkpointer.close()
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort())
+  trainer = train_process.checkpoint_workdir(config, workdir, 5)
 
   path = export.export_checkpoint(config, workdir, str(tmp_path / "enc.safetensors"))
   encoder = export.load_video_encoder(path)

@@ -25,12 +25,7 @@ TEMPERATURE = tiny.get_config().temperature
 
 def _config(**overrides):
   c = tiny.get_config()
-  for key, value in overrides.items():
-    group = c
-    *path, last = key.split(".")
-    for name in path:
-      group = group[name]
-    group[last] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

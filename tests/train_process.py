@@ -1,6 +1,8 @@
-"""`python main.py` in a subprocess whose log the test follows: the real entry point, real signals.
+"""`python main.py` in a subprocess whose log the test follows: the real entry point, real signals;
+and `checkpoint_workdir`, a workdir holding one checkpoint, for the tests that read one.
 
-Used by test_multihost.py and test_preemption.py (not a test module itself).
+Used by test_multihost.py, test_preemption.py, test_evaluate.py and test_export.py (not a test
+module itself).
 """
 
 from __future__ import annotations
@@ -158,3 +160,20 @@ def assert_same_losses(got: dict[int, float], want: dict[int, float], steps, rto
   assert steps and set(steps) <= set(got) and set(steps) <= set(want), (steps, got, want)
   np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=rtol,
                              err_msg=f"steps {steps}")
+
+
+def checkpoint_workdir(config, workdir: str, step: int):
+  """Saves a fresh (untrained) train state of `config` at `step` into `workdir`, with its
+  config.json, as a training run leaves them; returns the one-device Trainer that made it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from tvts_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from tvts_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  one_device = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)),
+                                  devices=jax.devices()[:1])
+  trainer = train.Trainer(config, one_device)
+  checkpointer = ckpt_lib.Checkpointer(workdir, 2, async_save=False)
+  checkpointer.save(step, trainer.state)
+  checkpointer.close()
+  train._write_config(config, workdir)  # pylint: disable=protected-access
+  return trainer
