@@ -44,8 +44,8 @@ flags.DEFINE_integer("num_processes", None, "--multihost: number of processes.")
 flags.DEFINE_integer("process_id", None, "--multihost: this process, 0..num_processes-1.")
 flags.DEFINE_enum("host_malloc", "auto", ["auto", "on", "off"],
                   "Keep freed host memory mapped (glibc) so that CPU steps do not page-fault "
-                  "their buffers in again (~10% of a CPU step); auto: on in CPU-only "
-                  "processes (tvts_jax/host_memory.py).")
+                  "their buffers in again; auto: on in CPU-only processes "
+                  "(tvts_jax/host_memory.py; its effect varies by machine, see README).")
 FLAGS = flags.FLAGS
 
 

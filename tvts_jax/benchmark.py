@@ -772,11 +772,12 @@ def main(argv) -> None:
                           text_len=text_len, batch_size=batch_size, dump_hlo=FLAGS.dump_hlo,
                           profile_dir=FLAGS.profile_dir)
   report["host_malloc_tuned"] = host_malloc_tuned
+  # The config at the batch that was timed (--find_max_batch may have changed it).
+  run_config = config.copy_and_resolve_references()
+  with run_config.unlocked():
+    run_config.batch_size = batch_size
   if FLAGS.compare_torch:
     from tvts_jax import benchmark_torch  # pylint: disable=g-import-not-at-top
-    run_config = config.copy_and_resolve_references()
-    with run_config.unlocked():
-      run_config.batch_size = batch_size
     log("timing the PyTorch model of the reference architecture at the same shapes ...")
     report.update(benchmark_torch.run_in_subprocess(
         run_config, report["text_len"], FLAGS.steps, FLAGS.warmup))
@@ -794,9 +795,6 @@ def main(argv) -> None:
         records, tokenizer = paths["train"], paths["tokenizer"]
       elif not tokenizer:
         raise ValueError("--records needs --tokenizer")
-      run_config = config.copy_and_resolve_references()
-      with run_config.unlocked():
-        run_config.batch_size = batch_size
       report.update(benchmark_input(trainer, run_config, records, tokenizer,
                                     batches=FLAGS.input_batches, steps=FLAGS.steps,
                                     warmup=FLAGS.warmup))

@@ -2,9 +2,10 @@
 
 XLA:CPU mallocs a step's temporaries and frees them after the step. glibc serves a block above
 32 MiB (and, in a worker thread's own arena, any block above 64 MiB) with fresh mmap'ed pages,
-so every step page-faults its whole working set in again: 0.55M faults, about 10% of a step of
-the paper config on 2 cores (0 faults with the tuning). One arena that never mmaps and never
-trims keeps the pages for reuse.
+so every step page-faults its whole working set in again: 0.55M faults per step of the paper
+config on 2 cores (0 faults with the tuning). One arena that never mmaps and never trims keeps
+the pages for reuse. What that saves depends on the machine: ~10% of the paper step on a loaded
+2-core box, within the noise on the same box when quiet (README, Benchmark).
 
 Nothing here runs on import: the entry points (`main.py`, `python -m tvts_jax.benchmark`) call
 `configure(FLAGS.host_malloc)` before JAX creates its CPU client, since the setting only reaches

@@ -14,7 +14,6 @@ one device.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any, Iterator
