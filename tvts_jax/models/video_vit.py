@@ -67,7 +67,10 @@ class TubeletEmbed(nnx.Module):
   """Non-overlapping t x p x p tubelets -> D features (a strided VALID 3-D convolution).
 
   Computed as patch extraction + one matmul, which is the same arithmetic as the convolution
-  but lowers to a plain dot on every backend.
+  but lowers to a plain dot on every backend. The input is on the 0..255 scale: the ImageNet
+  normalisation is folded into the kernel and bias (`(x - m) / s @ W + b == x @ (W / s) +
+  (b - (m / s) @ W)`, exact algebra), so no normalised copy of the frames is ever written and
+  uint8 pixels enter the matmul directly (exactly representable in bfloat16 too).
   """
 
   def __init__(self, tubelet: int, patch_size: int, width: int, *, dtype, rngs: nnx.Rngs):
@@ -80,24 +83,41 @@ class TubeletEmbed(nnx.Module):
                                  jnp.float32))
     self.bias = nnx.Param(jnp.zeros((width,), jnp.float32))
 
-  def __call__(self, video: jax.Array) -> jax.Array:
-    """Embeds tubelets.
+  def patchify(self, video: jax.Array) -> jax.Array:
+    """[B, T, H, W, 3] -> [B, T / t, (H / p) * (W / p), t * p * p * 3], same dtype.
 
-    Args:
-      video: [B, T, H, W, 3] normalised frames.
-
-    Returns:
-      [B, T / t, (H / p) * (W / p), D] in the compute dtype, patches in raster order.
+    Patches in raster order, each flattened in the kernel's (t, p, p, rgb) order. A pure
+    relayout: on uint8 frames it moves a quarter of the bytes a float copy would.
     """
     b, t, h, w, c = video.shape
     tt, p = self.tubelet, self.patch_size
-    x = video.astype(self.dtype).reshape(b, t // tt, tt, h // p, p, w // p, p, c)
+    x = video.reshape(b, t // tt, tt, h // p, p, w // p, p, c)
     # -> [B, tubes, h/p, w/p, tt, p, p, c]: the patch vector in the kernel's (t, p, p, 3) order.
     x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
-    x = x.reshape(b, t // tt, (h // p) * (w // p), tt * p * p * c)
+    return x.reshape(b, t // tt, (h // p) * (w // p), tt * p * p * c)
+
+  def embed_patches(self, patches: jax.Array) -> jax.Array:
+    """Patch vectors from `patchify` (0..255 scale, any leading shape) -> [..., D]."""
     kernel = self.kernel[...]
-    kernel = kernel.astype(self.dtype).reshape(-1, kernel.shape[-1])
-    return x @ kernel + self.bias[...].astype(self.dtype)
+    kernel = kernel.reshape(-1, kernel.shape[-1])  # [t*p*p*3, D], rows in (t, p, p, c) order
+    reps = kernel.shape[0] // 3
+    inv_std = jnp.asarray(np.tile(1.0 / IMAGENET_STD, reps))
+    shift = jnp.asarray(np.tile(IMAGENET_MEAN / IMAGENET_STD, reps))
+    bias = self.bias[...] - jnp.dot(shift, kernel, precision=jax.lax.Precision.HIGHEST)
+    kernel = kernel * inv_std[:, None]
+    return patches.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+
+  def __call__(self, video: jax.Array) -> jax.Array:
+    """Embeds every tubelet.
+
+    Args:
+      video: [B, T, H, W, 3] frames on the 0..255 scale (uint8 or float), NOT normalised.
+
+    Returns:
+      [B, T / t, (H / p) * (W / p), D] in the compute dtype, patches in raster order: the
+      convolution of `normalize_video(video)` with the kernel, plus the bias.
+    """
+    return self.embed_patches(self.patchify(video))
 
 
 class VideoViT(nnx.Module):
@@ -158,15 +178,23 @@ class VideoViT(nnx.Module):
     """
     self._check_video(video)
     b = video.shape[0]
-    x = self.patch_embed(normalize_video(video))  # [B, tubes, N, D]
-    pos = self.pos_embed[...]
-    x = (x + pos[:, None, 1:].astype(self.dtype)
-         + self.temporal_embed[...][:, :, None].astype(self.dtype))
-    if keep_rng is not None:
+    patches = self.patch_embed.patchify(video)  # [B, tubes, N, t*p*p*3], input dtype
+    pos_embed = self.pos_embed[...]  # [1, 1 + N, D], slot 0: CLS
+    pos = pos_embed[0, 1:]  # [N, D]
+    if keep_rng is None:
+      pos = jnp.broadcast_to(pos, (b, self.num_tubes) + pos.shape)
+    else:
+      # Keep before embedding: the embedding is per tubelet and the position embedding is
+      # per slot, so gathering the kept raw patches (uint8) first and their position
+      # embeddings with them gives the same tokens as embed-all-then-drop, for a quarter of
+      # the patch matmul (forward and weight gradient) and of the patch relayout.
       idx = sample_kept_indices(keep_rng, b, self.num_tubes, self.num_patches, self.num_kept)
-      x = jnp.take_along_axis(x, idx[..., None], axis=2)
+      patches = jnp.take_along_axis(patches, idx[..., None], axis=2)
+      pos = jnp.take(pos, idx, axis=0)  # [B, tubes, kept, D]
+    x = (self.patch_embed.embed_patches(patches) + pos.astype(self.dtype)
+         + self.temporal_embed[...][:, :, None].astype(self.dtype))
     x = x.reshape(b, -1, self.width)
-    cls = (self.cls_token[...] + pos[:, :1]).astype(self.dtype)
+    cls = (self.cls_token[...] + pos_embed[:, :1]).astype(self.dtype)
     return jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)), x], axis=1)
 
   def __call__(self, video: jax.Array, keep_rng: jax.Array | None = None) -> jax.Array:
