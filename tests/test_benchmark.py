@@ -217,18 +217,59 @@ def test_benchmark_step_reports_every_key():
   assert report["hlo"]["state_copy_bytes"] <= 64, report["hlo"]
 
 
-def test_bf16_config_runs_matmuls_in_bf16_and_softmax_in_f32():
+def _bf16_step_stats():
   config = tiny.get_config()
   config.compute_dtype = "bfloat16"
   trainer = train.Trainer(config, sharding.make_mesh(config.mesh))
   lowered = trainer._train_step.lower(  # pylint: disable=protected-access
       trainer.abstract_state(), benchmark._abstract_batch(trainer, config, 8, None))
-  stats = benchmark.lowered_stats(lowered.as_text())
+  return benchmark.lowered_stats(lowered.as_text())
+
+
+def test_bf16_config_runs_matmuls_in_bf16_and_softmax_in_f32(monkeypatch):
+  # The program a GPU / TPU gets (lowered here without compiling it): bf16 activations.
+  monkeypatch.setattr(layers, "on_cpu", lambda: False)
+  stats = _bf16_step_stats()
   bf16 = sum(n for k, n in stats["dots"].items() if k.startswith("bf16,bf16"))
   # Every block matmul (forward and backward) is bf16; f32 ones are the small heads and losses.
   assert bf16 > 2 * sum(n for k, n in stats["dots"].items() if not k.startswith("bf16,bf16"))
   # Softmaxes, logsumexps and the losses exponentiate in f32; bf16 exps are GELU's gradient.
   assert stats["exponentials"].get("f32", 0) >= 4
+
+
+def test_bf16_on_cpu_multiplies_bf16_into_f32_and_keeps_activations_f32():
+  stats = _bf16_step_stats()
+  # XLA:CPU's native bf16 matmul returns f32; a bf16-returning one it would run as f32 x f32.
+  assert not any(k.endswith("->bf16") for k in stats["dots"]), stats["dots"]
+  # Each Linear's three matmuls (forward, input and weight gradient) take bf16 operands.
+  assert stats["dots"].get("bf16,bf16->f32", 0) >= 3 * 4 * 3, stats["dots"]
+  assert "bf16" not in stats["exponentials"], stats["exponentials"]
+
+
+def test_cpu_bf16_dense_values_and_gradients():
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(3, 5, 16), jnp.float32)
+  w = jnp.asarray(rng.randn(16, 8) / 4, jnp.float32)
+  b = jnp.asarray(rng.randn(8), jnp.float32)
+  g = jnp.asarray(rng.randn(3, 5, 8), jnp.float32)
+
+  def loss(fn, x, w, b):
+    return jnp.sum(fn(x, w, b) * g)
+
+  ours = lambda x, w, b: layers.dense(x, w, b, jnp.bfloat16)
+  exact = lambda x, w, b: x @ w + b
+  assert ours(x, w, b).dtype == jnp.float32  # the activation dtype on CPU
+  np.testing.assert_allclose(ours(x, w, b), exact(x, w, b), rtol=2e-2, atol=3e-2)
+  # The custom backward pass (bf16 operands, f32 results, f32 bias sum) against autodiff of
+  # the same function computed in f32: equal up to bf16 rounding of x, w and the cotangent.
+  got = jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2))(x, w, b)
+  want = jax.grad(functools.partial(loss, exact), argnums=(0, 1, 2))(x, w, b)
+  for name, a, e in zip("xwb", got, want):
+    assert a.dtype == jnp.float32 and a.shape == e.shape, name
+    np.testing.assert_allclose(a, e, rtol=3e-2, atol=5e-2, err_msg=name)
+  np.testing.assert_allclose(got[2], want[2], rtol=1e-6, atol=1e-6)  # bias: exact f32 sum
+  # And the rounding is really bf16: the result is not the f32 product.
+  assert np.abs(np.asarray(ours(x, w, b) - exact(x, w, b))).max() > 1e-4
 
 
 def test_torch_reference_model_has_our_parameter_count_and_trains():

@@ -11,9 +11,11 @@ with `scan_layers=True`, as one block whose parameters carry a leading `[depth]`
 `to_list_layout` convert a parameter dict between the two layouts (checkpoints, converters and
 the exporter can then use one layout whatever the training config was).
 
-Mixed precision: parameters are stored in `param_dtype` (float32); matmuls and the residual
-stream run in `dtype` (float32 or bfloat16). LayerNorm statistics are computed in float32 by
-flax whatever `dtype` is, and `jax.nn.dot_product_attention` does its softmax in float32.
+Mixed precision: parameters are stored in `param_dtype` (float32); matmul operands are cast to
+the compute `dtype` (float32 or bfloat16) and the residual stream runs in
+`activation_dtype(dtype)`: the compute dtype, except float32 for bfloat16 on CPU (see there).
+LayerNorm statistics are computed in float32 by flax whatever `dtype` is, and
+`jax.nn.dot_product_attention` does its softmax in float32.
 """
 
 from __future__ import annotations
@@ -37,6 +39,88 @@ REMAT_POLICIES = {
 
 # MAE / timm initialise Linear kernels with xavier_uniform.
 _xavier = jax.nn.initializers.xavier_uniform()
+
+
+def on_cpu() -> bool:
+  """Whether the model is being built for XLA:CPU (the CPU-only choices below key on it)."""
+  return jax.default_backend() == "cpu"
+
+
+def activation_dtype(compute_dtype: Any) -> jnp.dtype:
+  """The dtype of the residual stream and the elementwise work for a compute dtype.
+
+  The compute dtype itself, except bfloat16 on XLA:CPU: there bfloat16 elementwise arithmetic
+  is emulated (converted op by op, and bfloat16 reductions run as pairwise reduce-windows),
+  slower than float32. So on CPU activations stay float32 and only the matmul operands are
+  bfloat16 (`dense`), which is what a TPU does with float32 matmuls at default precision.
+  """
+  dtype = jnp.dtype(compute_dtype)
+  if dtype == jnp.bfloat16 and on_cpu():
+    return jnp.dtype(jnp.float32)
+  return dtype
+
+
+def _f32_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., K] @ w [K, N] in the operands' dtype, accumulated and returned in float32."""
+  return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _cpu_bf16_dense(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+  y = _f32_dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  return y if b is None else y + b
+
+
+def _cpu_bf16_dense_fwd(x, w, b):
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  y = _f32_dot(xb, wb)
+  return (y if b is None else y + b), (xb, wb, b is not None)
+
+
+def _cpu_bf16_dense_bwd(residuals, g):
+  xb, wb, has_bias = residuals
+  g2 = g.reshape(-1, g.shape[-1])
+  db = jnp.sum(g2, axis=0) if has_bias else None
+  gb = g.astype(jnp.bfloat16)
+  dx = _f32_dot(gb, wb.T)
+  dw = _f32_dot(xb.reshape(-1, xb.shape[-1]).T, gb.reshape(-1, gb.shape[-1]))
+  return dx, dw, db
+
+
+_cpu_bf16_dense.defvjp(_cpu_bf16_dense_fwd, _cpu_bf16_dense_bwd)
+
+
+def dense(x: jax.Array, w: jax.Array, b: jax.Array | None, dtype: Any) -> jax.Array:
+  """x [..., K] @ w [K, N] + b [N] with `dtype` matmul operands: every Linear of the model.
+
+  Returns:
+    [..., N] in `activation_dtype(dtype)`.
+
+  Everywhere but on CPU this is `x.astype(dtype) @ w.astype(dtype) + b.astype(dtype)`, as in
+  nnx.Linear. XLA:CPU runs a bfloat16 x bfloat16 matmul natively (AVX512-BF16 / AMX, about
+  twice its float32 rate) only when it accumulates into and returns float32 (one returning
+  bfloat16 it rewrites to float32 x float32), so there, for bfloat16, the three matmuls of
+  the forward and backward pass take bfloat16 operands (the cotangent rounded once) and
+  return float32, the bias is added and its gradient summed in float32, and the bfloat16
+  copies of x and w are what the backward pass keeps.
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.bfloat16 and on_cpu() and w.ndim == 2:
+    return _cpu_bf16_dense(x.astype(jnp.float32), w.astype(jnp.float32),
+                           None if b is None else b.astype(jnp.float32))
+  y = x.astype(dtype) @ w.astype(dtype)
+  return y if b is None else y + b.astype(dtype)
+
+
+class Linear(nnx.Linear):
+  """nnx.Linear (same parameters, names and arguments) computing through `dense`: the
+  matmul operands in `dtype`, the result in `activation_dtype(dtype)`."""
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    bias = self.bias[...] if self.bias is not None else None
+    return dense(inputs, self.kernel[...], bias, self.dtype or inputs.dtype)
+
+
 # MAE initialises the fused qkv as three separate [D, D] xavier matrices: a uniform limit of
 # sqrt(6 / (D + D)). On the fused [D, 3D] kernel fan_avg is 2D, so scale 2 gives that limit.
 _qkv_init = jax.nn.initializers.variance_scaling(2.0, "fan_avg", "uniform")
@@ -48,16 +132,17 @@ def layer_norm(width: int, eps: float, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerN
   The two-pass variance (`use_fast_variance=False`) matches PyTorch's LayerNorm, which keeps
   converted reference checkpoints numerically close.
   """
-  return nnx.LayerNorm(width, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+  return nnx.LayerNorm(width, epsilon=eps, dtype=activation_dtype(dtype),
+                      param_dtype=jnp.float32,
                        use_fast_variance=False, rngs=rngs)
 
 
 def linear(in_features: int, out_features: int, dtype: Any, rngs: nnx.Rngs,
-           kernel_init=_xavier) -> nnx.Linear:
-  """A Linear with float32 parameters (kernel [in, out], bias [out]) computing in `dtype`."""
-  return nnx.Linear(in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=kernel_init, bias_init=jax.nn.initializers.zeros,
-                    rngs=rngs)
+           kernel_init=_xavier) -> Linear:
+  """A Linear with float32 parameters (kernel [in, out], bias [out]) computing in `dtype`
+  (see `dense`)."""
+  return Linear(in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
+                kernel_init=kernel_init, bias_init=jax.nn.initializers.zeros, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -86,7 +171,7 @@ class Attention(nnx.Module):
         token is still a key and a value.
 
     Returns:
-      [B, num_queries or S, D] in the module's compute dtype.
+      [B, num_queries or S, D] in `activation_dtype` of the module's compute dtype.
     """
     b, s, d = x.shape
     h = self.num_heads
@@ -97,11 +182,10 @@ class Attention(nnx.Module):
     else:
       # The q columns of the fused kernel on the queried rows only, k|v on every row: what
       # `self.qkv` computes for the rows that are used.
-      kernel = self.qkv.kernel[...].astype(self.qkv.dtype)
-      bias = self.qkv.bias[...].astype(self.qkv.dtype)
-      x = x.astype(self.qkv.dtype)
-      q = (x[:, :num_queries] @ kernel[:, :d] + bias[:d]).reshape(b, num_queries, h, d // h)
-      kv = (x @ kernel[:, d:] + bias[d:]).reshape(b, s, 2, h, d // h)
+      kernel, bias, dtype = self.qkv.kernel[...], self.qkv.bias[...], self.qkv.dtype
+      q = dense(x[:, :num_queries], kernel[:, :d], bias[:d], dtype).reshape(
+          b, num_queries, h, d // h)
+      kv = dense(x, kernel[:, d:], bias[d:], dtype).reshape(b, s, 2, h, d // h)
       k, v = kv[:, :, 0], kv[:, :, 1]
     if mask is not None:
       mask = mask[:, None, None, :]  # [B, heads, queries, keys], broadcast
@@ -162,7 +246,7 @@ def grad_fusion_barrier(x: jax.Array) -> jax.Array:
   paper config). Storing it once per block is what GPUs and TPUs do anyway, and a
   conditional there would cost a device-host round trip, so only CPU gets the barrier.
   """
-  if jax.default_backend() != "cpu":
+  if not on_cpu():
     return x
   return _grad_fusion_barrier(x)
 
@@ -179,10 +263,10 @@ class Block(nnx.Module):
       num_heads: attention heads; must divide `width`.
       mlp_dim: hidden width of the MLP.
       ln_eps: LayerNorm epsilon.
-      dtype: compute dtype of the matmuls and the residual stream.
+      dtype: compute dtype of the matmuls; the residual stream is in activation_dtype(dtype).
       rngs: parameter initialisation.
     """
-    self.dtype = jnp.dtype(dtype)
+    self.dtype = activation_dtype(dtype)
     self.norm1 = layer_norm(width, ln_eps, dtype, rngs)
     self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs)
     self.norm2 = layer_norm(width, ln_eps, dtype, rngs)
@@ -193,13 +277,13 @@ class Block(nnx.Module):
     """Applies the block.
 
     Args:
-      x: [B, S, D] tokens (cast to the compute dtype).
+      x: [B, S, D] tokens (cast to the activation dtype).
       mask: optional bool [B, S] key-padding mask (see `Attention`).
       num_queries: compute the output of the first `num_queries` tokens only (all by
         default); the others still serve as keys and values.
 
     Returns:
-      [B, num_queries or S, D] in the compute dtype.
+      [B, num_queries or S, D] in the activation dtype.
     """
     x = grad_fusion_barrier(x.astype(self.dtype))
     residual = x if num_queries is None else x[:, :num_queries]

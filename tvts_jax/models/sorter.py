@@ -36,14 +36,14 @@ class Sorter(nnx.Module):
     """
     s = config.model.sorter
     width, text_width = config.model.video.width, config.model.text.width
-    self.dtype = jnp.dtype(config.compute_dtype)
+    self.dtype = layers.activation_dtype(config.compute_dtype)
     self.width = width
     self.num_clips = config.data.num_clips
-    self.text_proj = (layers.linear(text_width, width, self.dtype, rngs)
+    self.text_proj = (layers.linear(text_width, width, config.compute_dtype, rngs)
                       if text_width != width else None)
     self.type_embed = nnx.Param(jnp.zeros((2, width), jnp.float32))
     self.blocks = layers.BlockStack(
-        s.depth, width, s.num_heads, s.mlp_dim, ln_eps=s.ln_eps, dtype=self.dtype,
+        s.depth, width, s.num_heads, s.mlp_dim, ln_eps=s.ln_eps, dtype=config.compute_dtype,
         scan_layers=config.model.scan_layers, remat=config.model.remat, rngs=rngs)
     self.norm = layers.layer_norm(width, s.ln_eps, jnp.float32, rngs)
     self.head = layers.linear(width, self.num_clips, jnp.float32, rngs)

@@ -32,7 +32,7 @@ class TextTower(nnx.Module):
       rngs: parameter initialisation.
     """
     t = config.model.text
-    self.dtype = jnp.dtype(config.compute_dtype)
+    self.dtype = layers.activation_dtype(config.compute_dtype)
     self.width = t.width
     self.vocab_size = t.vocab_size
     self.max_len = config.data.text_len
@@ -41,7 +41,7 @@ class TextTower(nnx.Module):
                                  param_dtype=jnp.float32, embedding_init=normal, rngs=rngs)
     self.pos_embed = nnx.Param(normal(rngs.params(), (1, self.max_len, t.width), jnp.float32))
     self.blocks = layers.BlockStack(
-        t.depth, t.width, t.num_heads, t.mlp_dim, ln_eps=t.ln_eps, dtype=self.dtype,
+        t.depth, t.width, t.num_heads, t.mlp_dim, ln_eps=t.ln_eps, dtype=config.compute_dtype,
         scan_layers=config.model.scan_layers, remat=config.model.remat, rngs=rngs)
     self.norm = layers.layer_norm(t.width, t.ln_eps, jnp.float32, rngs)
 

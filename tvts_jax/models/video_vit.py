@@ -105,7 +105,7 @@ class TubeletEmbed(nnx.Module):
     shift = jnp.asarray(np.tile(IMAGENET_MEAN / IMAGENET_STD, reps))
     bias = self.bias[...] - jnp.dot(shift, kernel, precision=jax.lax.Precision.HIGHEST)
     kernel = kernel * inv_std[:, None]
-    return patches.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+    return layers.dense(patches, kernel, bias, self.dtype)
 
   def __call__(self, video: jax.Array) -> jax.Array:
     """Embeds every tubelet.
@@ -114,7 +114,8 @@ class TubeletEmbed(nnx.Module):
       video: [B, T, H, W, 3] frames on the 0..255 scale (uint8 or float), NOT normalised.
 
     Returns:
-      [B, T / t, (H / p) * (W / p), D] in the compute dtype, patches in raster order: the
+      [B, T / t, (H / p) * (W / p), D] in `layers.activation_dtype(dtype)`, patches in
+      raster order: the
       convolution of `normalize_video(video)` with the kernel, plus the bias.
     """
     return self.embed_patches(self.patchify(video))
@@ -131,7 +132,7 @@ class VideoViT(nnx.Module):
       rngs: parameter initialisation.
     """
     v, d = config.model.video, config.data
-    self.dtype = jnp.dtype(config.compute_dtype)
+    self.dtype = layers.activation_dtype(config.compute_dtype)
     self.width = v.width
     self.num_frames = d.num_frames
     self.image_size = d.image_size
@@ -139,7 +140,7 @@ class VideoViT(nnx.Module):
     self.num_patches = config_schema.num_tokens_per_slice(config)
     self.num_kept = config_schema.num_kept_per_slice(config)
 
-    self.patch_embed = TubeletEmbed(v.tubelet, v.patch_size, v.width, dtype=self.dtype,
+    self.patch_embed = TubeletEmbed(v.tubelet, v.patch_size, v.width, dtype=config.compute_dtype,
                                     rngs=rngs)
     normal = jax.nn.initializers.normal(0.02)
     self.cls_token = nnx.Param(normal(rngs.params(), (1, 1, v.width), jnp.float32))
@@ -152,7 +153,7 @@ class VideoViT(nnx.Module):
         if v.temporal_init == "normal"
         else jnp.zeros(temporal_shape, jnp.float32))
     self.blocks = layers.BlockStack(
-        v.depth, v.width, v.num_heads, v.mlp_dim, ln_eps=v.ln_eps, dtype=self.dtype,
+        v.depth, v.width, v.num_heads, v.mlp_dim, ln_eps=v.ln_eps, dtype=config.compute_dtype,
         scan_layers=config.model.scan_layers, remat=config.model.remat, rngs=rngs)
     self.norm = layers.layer_norm(v.width, v.ln_eps, jnp.float32, rngs)
 
@@ -174,7 +175,7 @@ class VideoViT(nnx.Module):
       keep_rng: PRNG key for token keeping; None keeps every patch (evaluation).
 
     Returns:
-      [B, 1 + num_tubes * kept, D] in the compute dtype.
+      [B, 1 + num_tubes * kept, D] in the activation dtype (`layers.activation_dtype`).
     """
     self._check_video(video)
     b = video.shape[0]
