@@ -268,6 +268,10 @@ def test_cpu_bf16_dense_values_and_gradients():
     assert a.dtype == jnp.float32 and a.shape == e.shape, name
     np.testing.assert_allclose(a, e, rtol=3e-2, atol=5e-2, err_msg=name)
   np.testing.assert_allclose(got[2], want[2], rtol=1e-6, atol=1e-6)  # bias: exact f32 sum
+  no_bias = jax.grad(lambda x, w: jnp.sum(layers.dense(x, w, None, jnp.bfloat16) * g),
+                     argnums=(0, 1))(x, w)
+  for a, e in zip(no_bias, want[:2]):
+    np.testing.assert_allclose(a, e, rtol=3e-2, atol=5e-2)
   # And the rounding is really bf16: the result is not the f32 product.
   assert np.abs(np.asarray(ours(x, w, b) - exact(x, w, b))).max() > 1e-4
 

@@ -74,13 +74,13 @@ def _cpu_bf16_dense(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Arra
 def _cpu_bf16_dense_fwd(x, w, b):
   xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
   y = _f32_dot(xb, wb)
-  return (y if b is None else y + b), (xb, wb, b is not None)
+  return (y if b is None else y + b), (xb, wb, b)
 
 
 def _cpu_bf16_dense_bwd(residuals, g):
-  xb, wb, has_bias = residuals
+  xb, wb, b = residuals
   g2 = g.reshape(-1, g.shape[-1])
-  db = jnp.sum(g2, axis=0) if has_bias else None
+  db = None if b is None else jnp.sum(g2, axis=0)
   gb = g.astype(jnp.bfloat16)
   dx = _f32_dot(gb, wb.T)
   dw = _f32_dot(xb.reshape(-1, xb.shape[-1]).T, gb.reshape(-1, gb.shape[-1]))
