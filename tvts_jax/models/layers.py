@@ -67,8 +67,7 @@ def _f32_dot(x: jax.Array, w: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _cpu_bf16_dense(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
-  y = _f32_dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-  return y if b is None else y + b
+  return _cpu_bf16_dense_fwd(x, w, b)[0]
 
 
 def _cpu_bf16_dense_fwd(x, w, b):
@@ -113,8 +112,9 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array | None, dtype: Any) -> jax.Ar
 
 
 class Linear(nnx.Linear):
-  """nnx.Linear (same parameters, names and arguments) computing through `dense`: the
-  matmul operands in `dtype`, the result in `activation_dtype(dtype)`."""
+  """nnx.Linear (same parameters, names and init) computing through `dense`: the matmul
+  operands in `dtype`, the result in `activation_dtype(dtype)`. nnx.Linear's `precision`,
+  `dot_general`, `preferred_element_type` and `promote_dtype` hooks are not used."""
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     bias = self.bias[...] if self.bias is not None else None

@@ -38,7 +38,11 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
 
 
 def normalize_video(video: jax.Array) -> jax.Array:
-  """uint8 (or float in [0, 255]) RGB frames -> ImageNet-normalised float32, same shape."""
+  """uint8 (or float in [0, 255]) RGB frames -> ImageNet-normalised float32, same shape.
+
+  The model never calls this: `TubeletEmbed` folds the same normalisation into its kernel. It
+  is the definition that folding must equal (tests), and a helper for other encoders' inputs.
+  """
   return (video.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
 
 
@@ -115,8 +119,7 @@ class TubeletEmbed(nnx.Module):
 
     Returns:
       [B, T / t, (H / p) * (W / p), D] in `layers.activation_dtype(dtype)`, patches in
-      raster order: the
-      convolution of `normalize_video(video)` with the kernel, plus the bias.
+      raster order: the convolution of `normalize_video(video)` with the kernel, plus the bias.
     """
     return self.embed_patches(self.patchify(video))
 
