@@ -190,6 +190,44 @@ def test_constructor_and_inputs_are_validated(base, batch):
     model(batch["video"], batch["text_ids"][:, :3], batch["text_mask"][:, :3])
 
 
+def test_cudnn_attention_is_refused_off_nvidia_gpus():
+  config = _config(**{"model.attention": "cudnn", "compute_dtype": "bfloat16"})
+  with pytest.raises(config_schema.ConfigError, match="needs an NVIDIA GPU.*'cpu'"):
+    nnx.eval_shape(lambda: tvts.build_model(config, 0))
+
+
+def test_attention_implementation_reaches_every_attention_layer(monkeypatch, batch):
+  # What a GPU run with model.attention='cudnn' traces, minus the kernel: every attention call
+  # of the three towers (scanned or not) must ask for cuDNN, with bfloat16 operands and the
+  # text tower's key-padding mask.
+  calls = []
+  xla_attention = jax.nn.dot_product_attention
+
+  def recording_attention(q, k, v, *args, implementation=None, **kwargs):
+    calls.append((implementation, q.dtype, q.shape, kwargs.get("mask") is not None))
+    return xla_attention(q, k, v, *args, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(layers, "on_cuda_gpu", lambda: True)
+  monkeypatch.setattr(layers, "on_cpu", lambda: False)  # a GPU's bfloat16 program
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording_attention)
+  for scan_layers in (False, True):
+    config = _config(**{"model.attention": "cudnn", "compute_dtype": "bfloat16",
+                        "model.scan_layers": scan_layers})
+    calls.clear()
+    jax.eval_shape(lambda c=config: tvts.build_model(c, 0)(
+        batch["video"], batch["text_ids"], batch["text_mask"], keep_rng=jax.random.key(0)))
+    m = config.model
+    # Scanned stacks trace their body once (and the last block on its own when read out at
+    # a few positions, as the text tower and the sorter are).
+    expected = (m.video.depth + m.text.depth + m.sorter.depth if not scan_layers
+                else 1 + min(m.text.depth, 2) + min(m.sorter.depth, 2))
+    assert len(calls) == expected, calls
+    assert all(impl == "cudnn" and dtype == jnp.bfloat16 for impl, dtype, _, _ in calls)
+    b, k, length = batch["text_ids"].shape
+    text_calls = [c for c in calls if c[2][0] == b * k]
+    assert text_calls and all(has_mask for *_, has_mask in text_calls)
+
+
 # --- video tower ---------------------------------------------------------------------------
 
 

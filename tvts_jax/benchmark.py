@@ -595,6 +595,7 @@ def benchmark_step(trainer, config, *, steps: int, warmup: int, text_len: int | 
       "compute_dtype": config.compute_dtype,
       "remat": config.model.remat,
       "scan_layers": bool(config.model.scan_layers),
+      "attention": config.model.attention,
       "steps": steps,
       "step_times_s": times,
       "loss": float(metrics["loss"]) if "loss" in metrics else None,

@@ -14,6 +14,9 @@ SORT_LOSSES = ("softmax_positions", "sinkhorn")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("step", "cosine", "constant")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+# cuDNN's fused attention: bfloat16 operands and a head dimension it has kernels for.
+CUDNN_HEAD_DIMS = "a multiple of 8, at most 128"
 NONFINITE_POLICIES = ("skip", "stop")
 # `eval.protocols` names (tvts_jax/evaluate.py implements each).
 EVAL_PROTOCOLS = ("probe", "v2v_retrieval", "sort", "t2v_retrieval")
@@ -54,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
       embed_dim=256,  # contrastive projection
       remat="none",
       scan_layers=False,
+      # jax.nn.dot_product_attention's implementation: 'xla' (every backend) or 'cudnn'
+      # (cuDNN's fused flash attention; NVIDIA GPUs, compute_dtype='bfloat16').
+      attention="xla",
       video=ml_collections.ConfigDict(dict(
           width=768, depth=12, num_heads=12, mlp_dim=3072,
           patch_size=16, tubelet=2, keep_ratio=0.25, ln_eps=1e-6,
@@ -139,6 +145,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("compute_dtype", config.compute_dtype, COMPUTE_DTYPES)
   _choice("optim.schedule", config.optim.schedule, SCHEDULES)
   _choice("model.remat", config.model.remat, REMAT_POLICIES)
+  _choice("model.attention", config.model.attention, ATTENTION_IMPLEMENTATIONS)
   _choice("nonfinite", config.nonfinite, NONFINITE_POLICIES)
   _choice("model.video.temporal_init", config.model.video.temporal_init, ("zeros", "normal"))
   if not config.model.video.temporal_init_std > 0:
@@ -173,6 +180,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if v.width % config.model.sorter.num_heads:
     raise ConfigError(f"model.sorter.num_heads={config.model.sorter.num_heads} does not "
                       f"divide the sorter width (model.video.width={v.width})")
+  if config.model.attention == "cudnn":
+    if config.compute_dtype != "bfloat16":
+      raise ConfigError("model.attention='cudnn' runs in bfloat16 only; set "
+                        f"compute_dtype='bfloat16' (got {config.compute_dtype!r})")
+    for tower, width in (("video", v.width), ("text", config.model.text.width),
+                         ("sorter", v.width)):
+      head_dim = width // config.model[tower].num_heads
+      if head_dim % 8 or head_dim > 128:
+        raise ConfigError(f"model.attention='cudnn': model.{tower} has head dimension "
+                          f"{head_dim}; cuDNN needs {CUDNN_HEAD_DIMS}")
   if d.text_len < 2:
     raise ConfigError(f"data.text_len={d.text_len} must be at least 2")
   if not d.clip_seconds or min(d.clip_seconds) <= 0:

@@ -16,6 +16,10 @@ the compute `dtype` (float32 or bfloat16) and the residual stream runs in
 `activation_dtype(dtype)`: the compute dtype, except float32 for bfloat16 on CPU (see there).
 LayerNorm statistics are computed in float32 by flax whatever `dtype` is, and
 `jax.nn.dot_product_attention` does its softmax in float32.
+
+Attention runs through `jax.nn.dot_product_attention` with the `implementation` chosen by the
+config (`model.attention`): 'xla' (every backend) or 'cudnn' (cuDNN's fused flash-attention
+kernel, NVIDIA GPUs in bfloat16; `check_attention_backend` says so before anything compiles).
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+# `model.attention` values: the `implementation` of jax.nn.dot_product_attention.
+from tvts_jax.config_schema import ATTENTION_IMPLEMENTATIONS
 
 # Per-block rematerialisation policies, by config name (`model.remat`). 'none' is no
 # jax.checkpoint at all; 'full' saves nothing but the block's inputs.
@@ -44,6 +51,26 @@ _xavier = jax.nn.initializers.xavier_uniform()
 def on_cpu() -> bool:
   """Whether the model is being built for XLA:CPU (the CPU-only choices below key on it)."""
   return jax.default_backend() == "cpu"
+
+
+def on_cuda_gpu() -> bool:
+  """Whether the default backend is an NVIDIA GPU (where cuDNN attention exists)."""
+  if jax.default_backend() != "gpu":
+    return False
+  return "cuda" in getattr(jax.devices()[0].client, "platform_version", "").lower()
+
+
+def check_attention_backend(attention: str) -> None:
+  """Raises ValueError if `attention` cannot run on the default backend.
+
+  'cudnn' needs an NVIDIA GPU; failing here names the config key instead of failing inside
+  the compiler with a cuDNN message.
+  """
+  if attention == "cudnn" and not on_cuda_gpu():
+    raise ValueError(
+        f"model.attention='cudnn' needs an NVIDIA GPU, but the backend is "
+        f"{jax.default_backend()!r}; use model.attention='xla' here (the parameters are the "
+        "same, so a checkpoint trained with either loads with either)")
 
 
 def activation_dtype(compute_dtype: Any) -> jnp.dtype:
@@ -152,10 +179,14 @@ class Attention(nnx.Module):
   exactly like timm's `qkv.weight.T`, `qkv.bias` [3D], `proj.kernel` [D, D], `proj.bias` [D].
   """
 
-  def __init__(self, width: int, num_heads: int, *, dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, width: int, num_heads: int, *, dtype: Any, rngs: nnx.Rngs,
+               attention: str = "xla"):
     if width % num_heads:
       raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention={attention!r}; must be one of {ATTENTION_IMPLEMENTATIONS}")
     self.num_heads = num_heads
+    self.attention = attention
     self.qkv = linear(width, 3 * width, dtype, rngs, kernel_init=_qkv_init)
     self.proj = linear(width, width, dtype, rngs)
 
@@ -189,9 +220,9 @@ class Attention(nnx.Module):
       k, v = kv[:, :, 0], kv[:, :, 1]
     if mask is not None:
       mask = mask[:, None, None, :]  # [B, heads, queries, keys], broadcast
-    # One fused-attention entry point for every backend; implementation=None leaves the
-    # kernel choice to JAX (XLA's today), with the softmax in float32 whatever the dtype.
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    # One entry point for every backend, the softmax in float32 whatever the dtype: XLA's
+    # attention, or cuDNN's fused kernel (the boolean mask becomes its additive bias).
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention)
     return self.proj(out.reshape(b, num_queries, d))
 
 
@@ -255,7 +286,7 @@ class Block(nnx.Module):
   """Pre-LN transformer block: norm1, attn, norm2, mlp (timm names)."""
 
   def __init__(self, width: int, num_heads: int, mlp_dim: int, *, ln_eps: float,
-               dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               dtype: Any = jnp.float32, attention: str = "xla", rngs: nnx.Rngs):
     """Creates the block.
 
     Args:
@@ -264,11 +295,12 @@ class Block(nnx.Module):
       mlp_dim: hidden width of the MLP.
       ln_eps: LayerNorm epsilon.
       dtype: compute dtype of the matmuls; the residual stream is in activation_dtype(dtype).
+      attention: the attention implementation (`ATTENTION_IMPLEMENTATIONS`).
       rngs: parameter initialisation.
     """
     self.dtype = activation_dtype(dtype)
     self.norm1 = layer_norm(width, ln_eps, dtype, rngs)
-    self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs)
+    self.attn = Attention(width, num_heads, dtype=dtype, attention=attention, rngs=rngs)
     self.norm2 = layer_norm(width, ln_eps, dtype, rngs)
     self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
 
@@ -301,7 +333,7 @@ class BlockStack(nnx.Module):
 
   def __init__(self, depth: int, width: int, num_heads: int, mlp_dim: int, *,
                ln_eps: float, dtype: Any = jnp.float32, scan_layers: bool = False,
-               remat: str = "none", rngs: nnx.Rngs):
+               remat: str = "none", attention: str = "xla", rngs: nnx.Rngs):
     """Creates the stack.
 
     Args:
@@ -313,6 +345,7 @@ class BlockStack(nnx.Module):
       dtype: compute dtype.
       scan_layers: store stacked parameters and run them with `jax.lax.scan`.
       remat: a key of `REMAT_POLICIES`; each block is rematerialised under that policy.
+      attention: the attention implementation (`ATTENTION_IMPLEMENTATIONS`).
       rngs: parameter initialisation.
     """
     if depth < 1:
@@ -324,7 +357,8 @@ class BlockStack(nnx.Module):
     self.remat = remat
 
     def make_block(rngs):
-      return Block(width, num_heads, mlp_dim, ln_eps=ln_eps, dtype=dtype, rngs=rngs)
+      return Block(width, num_heads, mlp_dim, ln_eps=ln_eps, dtype=dtype, attention=attention,
+                   rngs=rngs)
 
     if scan_layers:
       # vmap over split rng streams: `depth` independently initialised blocks whose

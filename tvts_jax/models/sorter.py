@@ -44,7 +44,8 @@ class Sorter(nnx.Module):
     self.type_embed = nnx.Param(jnp.zeros((2, width), jnp.float32))
     self.blocks = layers.BlockStack(
         s.depth, width, s.num_heads, s.mlp_dim, ln_eps=s.ln_eps, dtype=config.compute_dtype,
-        scan_layers=config.model.scan_layers, remat=config.model.remat, rngs=rngs)
+        scan_layers=config.model.scan_layers, remat=config.model.remat,
+        attention=config.model.attention, rngs=rngs)
     self.norm = layers.layer_norm(width, s.ln_eps, jnp.float32, rngs)
     self.head = layers.linear(width, self.num_clips, jnp.float32, rngs)
 

@@ -42,7 +42,8 @@ class TextTower(nnx.Module):
     self.pos_embed = nnx.Param(normal(rngs.params(), (1, self.max_len, t.width), jnp.float32))
     self.blocks = layers.BlockStack(
         t.depth, t.width, t.num_heads, t.mlp_dim, ln_eps=t.ln_eps, dtype=config.compute_dtype,
-        scan_layers=config.model.scan_layers, remat=config.model.remat, rngs=rngs)
+        scan_layers=config.model.scan_layers, remat=config.model.remat,
+        attention=config.model.attention, rngs=rngs)
     self.norm = layers.layer_norm(t.width, t.ln_eps, jnp.float32, rngs)
 
   def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:

@@ -157,7 +157,8 @@ class VideoViT(nnx.Module):
         else jnp.zeros(temporal_shape, jnp.float32))
     self.blocks = layers.BlockStack(
         v.depth, v.width, v.num_heads, v.mlp_dim, ln_eps=v.ln_eps, dtype=config.compute_dtype,
-        scan_layers=config.model.scan_layers, remat=config.model.remat, rngs=rngs)
+        scan_layers=config.model.scan_layers, remat=config.model.remat,
+        attention=config.model.attention, rngs=rngs)
     self.norm = layers.layer_norm(v.width, v.ln_eps, jnp.float32, rngs)
 
   def num_tokens(self, keep: bool) -> int:
