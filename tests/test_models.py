@@ -196,20 +196,25 @@ def test_cudnn_attention_is_refused_off_nvidia_gpus():
     nnx.eval_shape(lambda: tvts.build_model(config, 0))
 
 
-def test_attention_implementation_reaches_every_attention_layer(monkeypatch, batch):
-  # What a GPU run with model.attention='cudnn' traces, minus the kernel: every attention call
-  # of the three towers (scanned or not) must ask for cuDNN, with bfloat16 operands and the
-  # text tower's key-padding mask.
-  calls = []
+def _recording_attention(calls):
+  """jax.nn.dot_product_attention that records each call and computes it with XLA."""
   xla_attention = jax.nn.dot_product_attention
 
-  def recording_attention(q, k, v, *args, implementation=None, **kwargs):
-    calls.append((implementation, q.dtype, q.shape, kwargs.get("mask") is not None))
+  def attention(q, k, v, *args, implementation=None, **kwargs):
+    calls.append(dict(kwargs, implementation=implementation, dtype=q.dtype, shape=q.shape))
     return xla_attention(q, k, v, *args, implementation="xla", **kwargs)
 
+  return attention
+
+
+def test_attention_implementation_reaches_every_attention_layer(monkeypatch, batch):
+  # What a GPU run with model.attention='cudnn' traces, minus the kernel: every attention call
+  # of the three towers (scanned or not) must ask for cuDNN with bfloat16 operands, and the
+  # text tower's key padding must arrive as lengths (cuDNN's form of it).
+  calls = []
   monkeypatch.setattr(layers, "on_cuda_gpu", lambda: True)
   monkeypatch.setattr(layers, "on_cpu", lambda: False)  # a GPU's bfloat16 program
-  monkeypatch.setattr(jax.nn, "dot_product_attention", recording_attention)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", _recording_attention(calls))
   for scan_layers in (False, True):
     config = _config(**{"model.attention": "cudnn", "compute_dtype": "bfloat16",
                         "model.scan_layers": scan_layers})
@@ -217,15 +222,35 @@ def test_attention_implementation_reaches_every_attention_layer(monkeypatch, bat
     jax.eval_shape(lambda c=config: tvts.build_model(c, 0)(
         batch["video"], batch["text_ids"], batch["text_mask"], keep_rng=jax.random.key(0)))
     m = config.model
-    # Scanned stacks trace their body once (and the last block on its own when read out at
-    # a few positions, as the text tower and the sorter are).
+    # A scanned stack traces its body once, and the last block on its own when it is read
+    # out at a few positions (text tower, sorter).
     expected = (m.video.depth + m.text.depth + m.sorter.depth if not scan_layers
                 else 1 + min(m.text.depth, 2) + min(m.sorter.depth, 2))
     assert len(calls) == expected, calls
-    assert all(impl == "cudnn" and dtype == jnp.bfloat16 for impl, dtype, _, _ in calls)
-    b, k, length = batch["text_ids"].shape
-    text_calls = [c for c in calls if c[2][0] == b * k]
-    assert text_calls and all(has_mask for *_, has_mask in text_calls)
+    assert all(c["implementation"] == "cudnn" and c["dtype"] == jnp.bfloat16 for c in calls)
+    assert all("mask" not in c for c in calls)
+    b, k, _ = batch["text_ids"].shape
+    text_calls = [c for c in calls if c["shape"][0] == b * k]
+    assert text_calls and all(c["key_value_seq_lengths"].shape == (b * k,) for c in text_calls)
+
+
+@pytest.mark.parametrize("num_queries", [None, 1])
+def test_cudnn_key_padding_as_lengths_equals_the_mask(monkeypatch, num_queries):
+  # The cuDNN path turns the key-padding mask into per-row lengths; computed by XLA, it must
+  # give what the mask gives (padding at the end, as transcripts have it).
+  calls = []
+  monkeypatch.setattr(jax.nn, "dot_product_attention", _recording_attention(calls))
+  xla = layers.Attention(32, 2, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  cudnn = layers.Attention(32, 2, dtype=jnp.float32, attention="cudnn", rngs=nnx.Rngs(0))
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(6, 10, 32), jnp.float32)
+  mask = jnp.asarray(np.arange(10) < np.array([1, 2, 5, 9, 10, 3])[:, None])
+  want = xla(x, mask, num_queries)
+  got = cudnn(x, mask, num_queries)
+  np.testing.assert_array_equal(calls[-1]["key_value_seq_lengths"], [1, 2, 5, 9, 10, 3])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # ...and the padding really matters: attending to every key gives something else.
+  assert not np.allclose(xla(x, None, num_queries), want, atol=1e-3)
 
 
 # --- video tower ---------------------------------------------------------------------------

@@ -197,7 +197,9 @@ class Attention(nnx.Module):
     Args:
       x: [B, S, D] tokens.
       mask: optional bool [B, S] key-padding mask, True where a key may be attended to. A row
-        with no True key attends uniformly (finite output), it does not produce NaN.
+        with no True key attends uniformly (finite output), it does not produce NaN. With
+        the 'cudnn' implementation the mask must be a prefix (padding at the end, as the
+        tokenizer pads) with at least one True key: it is passed as lengths.
       num_queries: only the first `num_queries` tokens attend (all S by default); every
         token is still a key and a value.
 
@@ -218,11 +220,20 @@ class Attention(nnx.Module):
           b, num_queries, h, d // h)
       kv = dense(x, kernel[:, d:], bias[d:], dtype).reshape(b, s, 2, h, d // h)
       k, v = kv[:, :, 0], kv[:, :, 1]
-    if mask is not None:
-      mask = mask[:, None, None, :]  # [B, heads, queries, keys], broadcast
-    # One entry point for every backend, the softmax in float32 whatever the dtype: XLA's
-    # attention, or cuDNN's fused kernel (the boolean mask becomes its additive bias).
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention)
+    # One entry point for every backend, the softmax in float32 whatever the dtype.
+    if mask is None:
+      out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention)
+    elif self.attention == "cudnn":
+      # cuDNN takes key padding as a length per row (a boolean mask would become an additive
+      # bias, which its kernels accept only at full [queries, keys] size and even lengths,
+      # so not for the one-query read-out). Transcripts are padded at the end: the count of
+      # real tokens is the length.
+      out = jax.nn.dot_product_attention(
+          q, k, v, key_value_seq_lengths=jnp.sum(mask, axis=-1, dtype=jnp.int32),
+          implementation="cudnn")
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :],
+                                         implementation=self.attention)
     return self.proj(out.reshape(b, num_queries, d))
 
 
