@@ -201,7 +201,8 @@ def _recording_attention(calls):
   xla_attention = jax.nn.dot_product_attention
 
   def attention(q, k, v, *args, implementation=None, **kwargs):
-    calls.append(dict(kwargs, implementation=implementation, dtype=q.dtype, shape=q.shape))
+    calls.append(dict(kwargs, implementation=implementation, dtype=q.dtype, shape=q.shape,
+                      key_shape=k.shape))
     return xla_attention(q, k, v, *args, implementation="xla", **kwargs)
 
   return attention
@@ -228,29 +229,64 @@ def test_attention_implementation_reaches_every_attention_layer(monkeypatch, bat
                 else 1 + min(m.text.depth, 2) + min(m.sorter.depth, 2))
     assert len(calls) == expected, calls
     assert all(c["implementation"] == "cudnn" and c["dtype"] == jnp.bfloat16 for c in calls)
-    assert all("mask" not in c for c in calls)
+    # No boolean mask, and only even query lengths (cuDNN's limit under differentiation).
+    assert all("mask" not in c and c["shape"][1] % 2 == 0 and c["key_shape"][1] % 2 == 0
+               for c in calls)
     b, k, _ = batch["text_ids"].shape
     text_calls = [c for c in calls if c["shape"][0] == b * k]
     assert text_calls and all(c["key_value_seq_lengths"].shape == (b * k,) for c in text_calls)
 
 
-@pytest.mark.parametrize("num_queries", [None, 1])
-def test_cudnn_key_padding_as_lengths_equals_the_mask(monkeypatch, num_queries):
-  # The cuDNN path turns the key-padding mask into per-row lengths; computed by XLA, it must
-  # give what the mask gives (padding at the end, as transcripts have it).
+@pytest.mark.parametrize("num_queries", [None, 1, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cudnn_attention_pads_to_even_lengths_and_equals_xla(monkeypatch, num_queries, masked):
+  # The cuDNN path pads odd query / key lengths by one row and turns key padding into
+  # lengths; computed by XLA it must give XLA's attention exactly (values and gradients),
+  # with only even lengths reaching the kernel.
   calls = []
   monkeypatch.setattr(jax.nn, "dot_product_attention", _recording_attention(calls))
   xla = layers.Attention(32, 2, dtype=jnp.float32, rngs=nnx.Rngs(0))
   cudnn = layers.Attention(32, 2, dtype=jnp.float32, attention="cudnn", rngs=nnx.Rngs(0))
   rng = np.random.RandomState(0)
-  x = jnp.asarray(rng.randn(6, 10, 32), jnp.float32)
-  mask = jnp.asarray(np.arange(10) < np.array([1, 2, 5, 9, 10, 3])[:, None])
-  want = xla(x, mask, num_queries)
-  got = cudnn(x, mask, num_queries)
-  np.testing.assert_array_equal(calls[-1]["key_value_seq_lengths"], [1, 2, 5, 9, 10, 3])
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-  # ...and the padding really matters: attending to every key gives something else.
-  assert not np.allclose(xla(x, None, num_queries), want, atol=1e-3)
+  x = jnp.asarray(rng.randn(6, 9, 32), jnp.float32)  # 9 tokens: odd
+  lengths = np.array([1, 2, 5, 8, 9, 3])
+  mask = jnp.asarray(np.arange(9) < lengths[:, None]) if masked else None
+
+  def loss(module, x):
+    return jnp.sum(jnp.sin(module(x, mask, num_queries)))
+
+  want, want_grad = jax.value_and_grad(loss, argnums=1)(xla, x)
+  got, got_grad = jax.value_and_grad(loss, argnums=1)(cudnn, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+  cudnn_calls = [c for c in calls if c["implementation"] == "cudnn"]
+  assert cudnn_calls and all(c["shape"][1] % 2 == 0 and c["key_shape"][1] % 2 == 0
+                             and "mask" not in c for c in cudnn_calls)
+  np.testing.assert_array_equal(cudnn_calls[-1]["key_value_seq_lengths"],
+                                lengths if masked else [9] * 6)
+  if masked:  # ...and the padding really matters: attending to every key differs.
+    assert not np.allclose(xla(x, None, num_queries), xla(x, mask, num_queries), atol=1e-3)
+
+
+def test_cudnn_training_step_lowers_for_cuda(monkeypatch):
+  # Runs only where jax's CUDA plugin is installed (no GPU needed): lowering for CUDA runs
+  # jax's own cuDNN checks (head dims, even lengths under differentiation, masks) on the
+  # model's real attention shapes, which the recording stand-in above cannot.
+  pytest.importorskip("jax_cuda12_plugin")
+  from tvts_jax import benchmark, train  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(layers, "on_cuda_gpu", lambda: True)
+  monkeypatch.setattr(layers, "on_cpu", lambda: False)
+  config = _config(**{"model.attention": "cudnn", "compute_dtype": "bfloat16"})
+  graphdef, params = train.abstract_model(config)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+           for k, v in benchmark.synthetic_batch(config, B).items()}
+  grad = jax.grad(lambda p, b: train.model_outputs_and_loss(graphdef, p, b, jax.random.key(0),
+                                                            config)[0])
+  text = jax.jit(grad).trace(params, batch).lower(lowering_platforms=("cuda",)).as_text()
+  m = config.model
+  layers_with_attention = m.video.depth + m.text.depth + m.sorter.depth
+  assert text.count('@__cudnn$fmhaSoftmax(') == layers_with_attention
+  assert text.count('@__cudnn$fmhaSoftmaxBackward(') == layers_with_attention
 
 
 # --- video tower ---------------------------------------------------------------------------

@@ -221,20 +221,42 @@ class Attention(nnx.Module):
       kv = dense(x, kernel[:, d:], bias[d:], dtype).reshape(b, s, 2, h, d // h)
       k, v = kv[:, :, 0], kv[:, :, 1]
     # One entry point for every backend, the softmax in float32 whatever the dtype.
-    if mask is None:
-      out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention)
-    elif self.attention == "cudnn":
-      # cuDNN takes key padding as a length per row (a boolean mask would become an additive
-      # bias, which its kernels accept only at full [queries, keys] size and even lengths,
-      # so not for the one-query read-out). Transcripts are padded at the end: the count of
-      # real tokens is the length.
-      out = jax.nn.dot_product_attention(
-          q, k, v, key_value_seq_lengths=jnp.sum(mask, axis=-1, dtype=jnp.int32),
-          implementation="cudnn")
+    if self.attention == "cudnn":
+      out = cudnn_attention(q, k, v, mask)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :],
-                                         implementation=self.attention)
+      out = jax.nn.dot_product_attention(
+          q, k, v, mask=None if mask is None else mask[:, None, None, :],
+          implementation=self.attention)
     return self.proj(out.reshape(b, num_queries, d))
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                    mask: jax.Array | None) -> jax.Array:
+  """`jax.nn.dot_product_attention(implementation='cudnn')` for any sequence lengths.
+
+  Two limits of jax's cuDNN path (jax 0.10) are worked around here, exactly:
+  - Under differentiation it accepts only even query and key lengths (and our lengths are
+    odd: 1 + kept patches, K + video tokens, one read-out query). An odd length gets one zero
+    row: a padded query row is dropped from the output, a padded key is masked out by
+    `key_value_seq_lengths`.
+  - Key padding goes in as one length per row (a boolean mask would become an additive bias,
+    which cuDNN accepts only at full [queries, keys] size). Transcripts are padded at the end,
+    so the count of real tokens is the length: `mask` must be a prefix, with a True key.
+
+  Args:
+    q: [B, T, heads, head_dim]; k, v: [B, S, heads, head_dim].
+    mask: optional bool [B, S] key-padding mask (a prefix per row).
+
+  Returns:
+    [B, T, heads, head_dim].
+  """
+  b, t, s = q.shape[0], q.shape[1], k.shape[1]
+  lengths = (jnp.sum(mask, axis=-1, dtype=jnp.int32) if mask is not None
+             else jnp.full((b,), s, jnp.int32) if s % 2 else None)
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x
+  out = jax.nn.dot_product_attention(pad(q, t % 2), pad(k, s % 2), pad(v, s % 2),
+                                     key_value_seq_lengths=lengths, implementation="cudnn")
+  return out[:, :t]
 
 
 def gelu(x: jax.Array) -> jax.Array:
