@@ -15,8 +15,6 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("step", "cosine", "constant")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
-# cuDNN's fused attention: bfloat16 operands and a head dimension it has kernels for.
-CUDNN_HEAD_DIMS = "a multiple of 8, at most 128"
 NONFINITE_POLICIES = ("skip", "stop")
 # `eval.protocols` names (tvts_jax/evaluate.py implements each).
 EVAL_PROTOCOLS = ("probe", "v2v_retrieval", "sort", "t2v_retrieval")
@@ -189,7 +187,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       head_dim = width // config.model[tower].num_heads
       if head_dim % 8 or head_dim > 128:
         raise ConfigError(f"model.attention='cudnn': model.{tower} has head dimension "
-                          f"{head_dim}; cuDNN needs {CUDNN_HEAD_DIMS}")
+                          f"{head_dim}; cuDNN needs a multiple of 8, at most 128")
   if d.text_len < 2:
     raise ConfigError(f"data.text_len={d.text_len} must be at least 2")
   if not d.clip_seconds or min(d.clip_seconds) <= 0:

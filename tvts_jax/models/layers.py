@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tvts_jax import config_schema
 # `model.attention` values: the `implementation` of jax.nn.dot_product_attention.
 from tvts_jax.config_schema import ATTENTION_IMPLEMENTATIONS
 
@@ -61,13 +62,13 @@ def on_cuda_gpu() -> bool:
 
 
 def check_attention_backend(attention: str) -> None:
-  """Raises ValueError if `attention` cannot run on the default backend.
+  """Raises ConfigError if `attention` cannot run on the default backend.
 
   'cudnn' needs an NVIDIA GPU; failing here names the config key instead of failing inside
   the compiler with a cuDNN message.
   """
   if attention == "cudnn" and not on_cuda_gpu():
-    raise ValueError(
+    raise config_schema.ConfigError(
         f"model.attention='cudnn' needs an NVIDIA GPU, but the backend is "
         f"{jax.default_backend()!r}; use model.attention='xla' here (the parameters are the "
         "same, so a checkpoint trained with either loads with either)")

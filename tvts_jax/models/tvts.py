@@ -86,10 +86,7 @@ class TVTS(nnx.Module):
     if config.model.embed_dim < 1:
       raise config_schema.ConfigError(f"model.embed_dim must be >= 1, got "
                                       f"{config.model.embed_dim}")
-    try:
-      layers.check_attention_backend(config.model.attention)
-    except ValueError as e:
-      raise config_schema.ConfigError(str(e)) from None
+    layers.check_attention_backend(config.model.attention)
     self.num_clips = config.data.num_clips
     self.video = VideoViT(config, rngs=rngs)
     self.text = TextTower(config, rngs=rngs)
