@@ -1,6 +1,11 @@
 """The benchmark's deterministic parts: FLOP count, MFU, HLO reading, batch search; and that
 remat / scan_layers give the plain model's loss and gradients. No timing is asserted."""
 import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +15,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from tvts_jax import benchmark, sharding, train
+from tvts_jax import aot, benchmark, sharding, train
 from tvts_jax.models import layers
 
 # Compile time dominates these tests on CPU; LLVM's optimisations do not change the results.
@@ -314,3 +319,59 @@ def test_torch_reference_model_has_our_parameter_count_and_trains():
   assert report["torch_batch_size"] == 8 and report["torch_text_len"] == 6
   assert len(report["torch_step_times_s"]) == 2 and report["torch_step_time_s"] > 0
   assert np.isfinite(report["torch_loss"])
+
+
+# --- compiling for a GPU this machine does not have (tvts_jax/aot.py) ---------------------
+
+_HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
+
+
+def test_target_platform_override_decides_the_program():
+  try:
+    layers.set_target_platform("cuda")
+    assert not layers.on_cpu() and layers.on_cuda_gpu()
+    layers.set_target_platform("cpu")
+    assert layers.on_cpu() and not layers.on_cuda_gpu()
+  finally:
+    layers.set_target_platform(None)
+  assert layers.on_cpu() == (jax.default_backend() == "cpu")
+  with pytest.raises(ValueError, match="'tpu'"):
+    layers.set_target_platform("tpu")
+
+
+def test_aot_targets_and_memory_limit(monkeypatch):
+  assert "device_memory_size: 84929347584" in aot.target_config("h100")
+  assert 'device_description_str: "NVIDIA H200"' in aot.target_config("h200")
+  with pytest.raises(ValueError, match="unknown --aot_target 'a100'"):
+    aot.target_config("a100")
+  # JAX's allocator takes 75% of the card unless told otherwise: the limit a real run has.
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  assert aot.memory_limit("h100") == int(84_929_347_584 * 0.75)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  assert aot.memory_limit("h100") == int(84_929_347_584 * 0.9)
+
+
+@pytest.mark.skipif(_HAS_CUDA_PLUGIN, reason="jax's CUDA plugin is installed")
+def test_aot_without_the_cuda_plugin_says_what_to_install():
+  with pytest.raises(RuntimeError, match="pip install jax-cuda12-plugin"):
+    aot.AotTrainer(tiny.get_config(), "h100")
+  assert layers.on_cpu() == (jax.default_backend() == "cpu")  # nothing was switched
+
+
+@pytest.mark.skipif(not _HAS_CUDA_PLUGIN, reason="needs jax's CUDA plugin (no GPU needed)")
+def test_aot_target_compiles_the_step_for_an_h100_without_one():
+  # A subprocess: the deviceless CUDA setup must happen before JAX starts its backends.
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="")  # not the tests' 8 fake CPU devices
+  out = subprocess.run(
+      [sys.executable, "-m", "tvts_jax.benchmark", "--config=configs/tiny.py",
+       "--config.compute_dtype=bfloat16", "--config.model.attention=cudnn",
+       "--aot_target=h100", "--find_max_batch", "--max_batch=64"],
+      capture_output=True, text=True, cwd=repo, env=env, timeout=900, check=True)
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  assert report["device"] == "NVIDIA H100 80GB HBM3 x1"
+  assert report["max_batch"] == 64  # the tiny model fits the cap
+  assert 0 < report["peak_memory_bytes"] < report["limit_bytes"]
+  calls = report["hlo"]["custom_calls"]
+  assert any("cublas" in k for k in calls), calls  # compiled for the GPU, not the host
+  assert report["hlo"]["fused_attention"], calls  # and cuDNN attention compiled with it

@@ -728,6 +728,9 @@ def main(argv) -> None:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   from absl import flags  # pylint: disable=g-import-not-at-top
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  if FLAGS.aot_target:
+    _aot_main(FLAGS)
+    return
   # The trainer imports TensorFlow (tf.data): keep it off the accelerators, which are JAX's.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
@@ -807,6 +810,38 @@ def main(argv) -> None:
   log(json.dumps(report, default=_json_default))
 
 
+def _aot_main(FLAGS) -> None:  # pylint: disable=invalid-name
+  """--aot_target: compile the step for a GPU this machine lacks; report memory, no timing."""
+  from tvts_jax import aot  # pylint: disable=g-import-not-at-top
+  aot.configure_environment()  # before JAX starts its backends
+  config = config_schema.validate(FLAGS.config)
+  target, text_len = FLAGS.aot_target, FLAGS.text_len
+  t0 = time.perf_counter()
+  trainer = aot.AotTrainer(config, target, FLAGS.aot_devices)
+  limit = aot.memory_limit(target)
+  print(f"compiling for {FLAGS.aot_devices} x {aot.TARGETS[target][0]} (deviceless; "
+        f"allocator limit {limit / 2**30:.1f} GiB per device)")
+  report: dict[str, Any] = dict(aot_target=target, device=f"{aot.TARGETS[target][0]} x"
+                                f"{FLAGS.aot_devices}", limit_bytes=limit,
+                                compute_dtype=config.compute_dtype, remat=config.model.remat,
+                                scan_layers=bool(config.model.scan_layers),
+                                attention=config.model.attention,
+                                text_len=config.data.text_len if text_len is None else text_len)
+  batch_size = config.batch_size
+  if FLAGS.find_max_batch:
+    search = find_max_batch(trainer, config, text_len, limit_bytes=limit,
+                            fraction=FLAGS.memory_fraction, max_batch=FLAGS.max_batch)
+    report.update(max_batch=search["max_batch"], max_batch_search=search)
+    batch_size = search["max_batch"] or batch_size
+  compiled, _, compile_s, _ = compile_step(trainer, config, batch_size, text_len)
+  mem = memory_analysis(compiled)
+  report.update(batch_size=batch_size, compile_time_s=compile_s, memory=mem,
+                peak_memory_bytes=None if mem is None else mem["estimate"],
+                hlo=hlo_stats(compiled.as_text()),
+                total_time_s=time.perf_counter() - t0)
+  print(json.dumps(report, default=_json_default))
+
+
 def _define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
@@ -837,6 +872,10 @@ def _define_flags() -> None:
   flags.DEFINE_string("profile_dir", "", "Write a jax.profiler trace of the timed steps here.")
   flags.DEFINE_enum("host_malloc", "auto", ["auto", "on", "off"],
                     "Host allocator tuning as in main.py (tvts_jax/host_memory.py).")
+  flags.DEFINE_enum("aot_target", "", ["", "h100", "h200"],
+                    "Compile the step for this GPU without having one (tvts_jax/aot.py; needs "
+                    "jax's CUDA plugin) and report its memory (and --find_max_batch); no timing.")
+  flags.DEFINE_integer("aot_devices", 1, "--aot_target: number of such GPUs in the mesh.")
   flags.DEFINE_bool("compare_torch", False,
                     "Then time a PyTorch model of the reference architecture at the same "
                     "shapes (tvts_jax/benchmark_torch.py, in a subprocess; needs .[torch]) and "

@@ -125,6 +125,15 @@ def eval_step(params, batch, *, graphdef, config, shuffled: bool):
   return {k: v * n for k, v in metrics.items()}, n
 
 
+def jit_train_step(config, mesh, graphdef, tx, state_shardings):
+  """`train_step` jitted on `mesh`: state sharded as given and donated, batch over the mesh."""
+  return jax.jit(
+      functools.partial(train_step, graphdef=graphdef, tx=tx, config=config),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+
+
 class Trainer:
   """Holds the compiled functions for one config and mesh."""
 
@@ -133,11 +142,8 @@ class Trainer:
     self.tx = optim.make_optimizer(config)
     self.state, self.state_shardings, self.graphdef = create_train_state(config, mesh, self.tx)
     self.batch_sharding = sharding.batch_sharding(mesh)
-    self._train_step = jax.jit(
-        functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, config=config),
-        in_shardings=(self.state_shardings, self.batch_sharding),
-        out_shardings=(self.state_shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,))
+    self._train_step = jit_train_step(config, mesh, self.graphdef, self.tx,
+                                      self.state_shardings)
     self._eval_steps = {
         shuffled: jax.jit(functools.partial(eval_step, graphdef=self.graphdef, config=config,
                                             shuffled=shuffled),

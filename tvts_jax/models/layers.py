@@ -49,13 +49,34 @@ REMAT_POLICIES = {
 _xavier = jax.nn.initializers.xavier_uniform()
 
 
+# The platform the model is built for when it is not the default backend's: set by
+# `set_target_platform` for ahead-of-time compiles for other hardware (tvts_jax/aot.py).
+_target_platform: str | None = None
+
+
+def set_target_platform(platform: str | None) -> None:
+  """Builds the model for `platform` ('cpu' or 'cuda'; None: the default backend) from now on.
+
+  For compiling for hardware this process does not drive (tvts_jax/aot.py): the CPU-only and
+  GPU-only choices below then follow the target, not the host.
+  """
+  global _target_platform
+  if platform not in (None, "cpu", "cuda"):
+    raise ValueError(f"target platform {platform!r}; must be None, 'cpu' or 'cuda'")
+  _target_platform = platform
+
+
 def on_cpu() -> bool:
   """Whether the model is being built for XLA:CPU (the CPU-only choices below key on it)."""
+  if _target_platform is not None:
+    return _target_platform == "cpu"
   return jax.default_backend() == "cpu"
 
 
 def on_cuda_gpu() -> bool:
-  """Whether the default backend is an NVIDIA GPU (where cuDNN attention exists)."""
+  """Whether the model is being built for an NVIDIA GPU (where cuDNN attention exists)."""
+  if _target_platform is not None:
+    return _target_platform == "cuda"
   if jax.default_backend() != "gpu":
     return False
   return "cuda" in getattr(jax.devices()[0].client, "platform_version", "").lower()
