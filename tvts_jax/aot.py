@@ -76,7 +76,9 @@ def memory_limit(target: str) -> int:
 class AotTrainer:
   """What `benchmark.compile_step` / `find_max_batch` use of a `train.Trainer`, for a target
   GPU: the (data, fsdp) mesh over `num_devices` such cards, abstract sharded state and the
-  jitted step. No state is created (the devices do not exist)."""
+  jitted step. No state is created (the devices do not exist). Creating one switches the
+  process to building the model for CUDA (`layers.set_target_platform`): a process that
+  compiles for a target GPU does nothing else."""
 
   def __init__(self, config, target: str, num_devices: int = 1):
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
