@@ -14,7 +14,6 @@ it lets the plugin load without a driver and turns off what needs a device at co
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -96,13 +95,8 @@ class AotTrainer:
     self.config = config
     self.mesh = sharding.make_mesh(config.mesh, devices=topology.devices)
     self.tx = optim.make_optimizer(config)
-    self.graphdef, _ = train.abstract_model(config)
-    abstract = jax.eval_shape(functools.partial(train._init_state, config, self.tx),  # pylint: disable=protected-access
-                              jax.random.key(config.seed))
-    self.state_shardings = sharding.tree_shardings(self.mesh, abstract)
-    self._abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        abstract, self.state_shardings)
+    self._abstract_state, self.state_shardings, self.graphdef = train.abstract_train_state(
+        config, self.mesh, self.tx)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self._train_step = train.jit_train_step(config, self.mesh, self.graphdef, self.tx,
                                             self.state_shardings)

@@ -511,6 +511,17 @@ def find_max_batch(trainer, config, text_len: int | None = None, *,
               tried=[[b, est, ok] for b, (est, ok) in sorted(tried.items())])
 
 
+def _run_settings(config, text_len: int | None) -> dict[str, Any]:
+  """The settings a report names its run by (beside the batch and the device)."""
+  return {
+      "text_len": config.data.text_len if text_len is None else text_len,
+      "compute_dtype": config.compute_dtype,
+      "remat": config.model.remat,
+      "scan_layers": bool(config.model.scan_layers),
+      "attention": config.model.attention,
+  }
+
+
 def _median(xs: list[float]) -> float:
   return float(statistics.median(xs)) if xs else float("nan")
 
@@ -591,11 +602,7 @@ def benchmark_step(trainer, config, *, steps: int, warmup: int, text_len: int | 
       "platform": devices[0].platform,
       "batch_size": batch_size,
       "per_device_batch": batch_size // len(devices),
-      "text_len": config.data.text_len if text_len is None else text_len,
-      "compute_dtype": config.compute_dtype,
-      "remat": config.model.remat,
-      "scan_layers": bool(config.model.scan_layers),
-      "attention": config.model.attention,
+      **_run_settings(config, text_len),
       "steps": steps,
       "step_times_s": times,
       "loss": float(metrics["loss"]) if "loss" in metrics else None,
@@ -823,10 +830,7 @@ def _aot_main(FLAGS) -> None:  # pylint: disable=invalid-name
         f"allocator limit {limit / 2**30:.1f} GiB per device)")
   report: dict[str, Any] = dict(aot_target=target, device=f"{aot.TARGETS[target][0]} x"
                                 f"{FLAGS.aot_devices}", limit_bytes=limit,
-                                compute_dtype=config.compute_dtype, remat=config.model.remat,
-                                scan_layers=bool(config.model.scan_layers),
-                                attention=config.model.attention,
-                                text_len=config.data.text_len if text_len is None else text_len)
+                                **_run_settings(config, text_len))
   batch_size = config.batch_size
   if FLAGS.find_max_batch:
     search = find_max_batch(trainer, config, text_len, limit_bytes=limit,

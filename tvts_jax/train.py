@@ -53,14 +53,30 @@ def _init_state(config, tx, rng):
           "nonfinite": jnp.zeros((), jnp.int32)}
 
 
+def with_shardings(tree, shardings):
+  """ShapeDtypeStructs of `tree`'s leaves carrying the matching `shardings`."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def abstract_train_state(config, mesh, tx):
+  """The train state's shapes and shardings on `mesh`, allocating nothing.
+
+  Returns:
+    (abstract state: ShapeDtypeStructs with shardings, shardings, graphdef).
+  """
+  graphdef, _ = abstract_model(config)
+  abstract = jax.eval_shape(functools.partial(_init_state, config, tx),
+                            jax.random.key(config.seed))
+  shardings = sharding.tree_shardings(mesh, abstract)
+  return with_shardings(abstract, shardings), shardings, graphdef
+
+
 def create_train_state(config, mesh, tx):
   """Creates the train state sharded on `mesh`; returns (state, shardings, graphdef)."""
-  graphdef, _ = abstract_model(config)
-  rng = jax.random.key(config.seed)
-  init = functools.partial(_init_state, config, tx)
-  abstract = jax.eval_shape(init, rng)
-  shardings = sharding.tree_shardings(mesh, abstract)
-  state = jax.jit(init, out_shardings=shardings)(rng)
+  _, shardings, graphdef = abstract_train_state(config, mesh, tx)
+  state = jax.jit(functools.partial(_init_state, config, tx),
+                  out_shardings=shardings)(jax.random.key(config.seed))
   return state, shardings, graphdef
 
 
@@ -152,8 +168,7 @@ class Trainer:
         for shuffled in (False, True)}
 
   def abstract_state(self):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        self.state, self.state_shardings)
+    return with_shardings(self.state, self.state_shardings)
 
   def step(self, local_batch: dict[str, np.ndarray]):
     batch = sharding.global_batch({k: local_batch[k] for k in MODEL_KEYS}, self.mesh)

@@ -33,8 +33,6 @@ import numpy as np
 from flax import nnx
 
 from tvts_jax import config_schema
-# `model.attention` values: the `implementation` of jax.nn.dot_product_attention.
-from tvts_jax.config_schema import ATTENTION_IMPLEMENTATIONS
 
 # Per-block rematerialisation policies, by config name (`model.remat`). 'none' is no
 # jax.checkpoint at all; 'full' saves nothing but the block's inputs.
@@ -83,7 +81,7 @@ def on_cuda_gpu() -> bool:
 
 
 def check_attention_backend(attention: str) -> None:
-  """Raises ConfigError if `attention` cannot run on the default backend.
+  """Raises ConfigError if `attention` cannot run on the platform the model is built for.
 
   'cudnn' needs an NVIDIA GPU; failing here names the config key instead of failing inside
   the compiler with a cuDNN message.
@@ -205,8 +203,9 @@ class Attention(nnx.Module):
                attention: str = "xla"):
     if width % num_heads:
       raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
-    if attention not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"attention={attention!r}; must be one of {ATTENTION_IMPLEMENTATIONS}")
+    if attention not in config_schema.ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention={attention!r}; must be one of "
+                       f"{config_schema.ATTENTION_IMPLEMENTATIONS}")
     self.num_heads = num_heads
     self.attention = attention
     self.qkv = linear(width, 3 * width, dtype, rngs, kernel_init=_qkv_init)
@@ -350,7 +349,7 @@ class Block(nnx.Module):
       mlp_dim: hidden width of the MLP.
       ln_eps: LayerNorm epsilon.
       dtype: compute dtype of the matmuls; the residual stream is in activation_dtype(dtype).
-      attention: the attention implementation (`ATTENTION_IMPLEMENTATIONS`).
+      attention: the attention implementation (`config_schema.ATTENTION_IMPLEMENTATIONS`).
       rngs: parameter initialisation.
     """
     self.dtype = activation_dtype(dtype)
@@ -400,7 +399,7 @@ class BlockStack(nnx.Module):
       dtype: compute dtype.
       scan_layers: store stacked parameters and run them with `jax.lax.scan`.
       remat: a key of `REMAT_POLICIES`; each block is rematerialised under that policy.
-      attention: the attention implementation (`ATTENTION_IMPLEMENTATIONS`).
+      attention: the attention implementation (`config_schema.ATTENTION_IMPLEMENTATIONS`).
       rngs: parameter initialisation.
     """
     if depth < 1:
