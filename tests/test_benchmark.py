@@ -274,6 +274,29 @@ def test_bf16_on_cpu_multiplies_bf16_into_f32_and_keeps_activations_f32():
   assert "bf16" not in stats["exponentials"], stats["exponentials"]
 
 
+def test_cpu_bf16_matmuls_stay_bf16_when_compiled():
+  # XLA:CPU converts a bf16 matmul it has no kernel for (one contracting the leading
+  # dimension, as a plain weight gradient x^T g does) to f32 x f32: the compiled step must keep
+  # every bf16 matmul of the lowered one (layers._cpu_weight_grad), at twice the f32 rate.
+  config = tiny.get_config()
+  config.compute_dtype = "bfloat16"
+  trainer = train.Trainer(config, sharding.make_mesh(config.mesh))
+  compiled, _, _, lowered = benchmark.compile_step(trainer, config, 8, None)
+  lowered_bf16 = benchmark.lowered_stats(lowered.as_text())["dots"]["bf16,bf16->f32"]
+  assert lowered_bf16 >= 3 * 4 * 3
+  assert benchmark.hlo_stats(compiled.as_text())["dots"].get("bf16,bf16->f32") == lowered_bf16
+
+
+def test_cpu_weight_gradient_is_x_transposed_times_g():
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(40, 16), jnp.bfloat16)
+  g = jnp.asarray(rng.randn(40, 24), jnp.bfloat16)
+  got = jax.jit(layers._cpu_weight_grad)(x, g)  # pylint: disable=protected-access
+  assert got.shape == (16, 24) and got.dtype == jnp.float32
+  want = np.asarray(x, np.float32).T @ np.asarray(g, np.float32)  # the same bf16 inputs
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_cpu_bf16_dense_values_and_gradients():
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(3, 5, 16), jnp.float32)
