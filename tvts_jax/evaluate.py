@@ -330,7 +330,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
   """The parameters of the latest checkpoint in `workdir`, sharded on `mesh` like in training.
 
   Returns:
-    (params nnx.State, step).
+    (params as a pure nested dict, step).
 
   Raises:
     FileNotFoundError: no checkpoint in the workdir.
@@ -341,18 +341,8 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
   directory = os.path.join(workdir, "checkpoints")
   if not tf.io.gfile.exists(directory):
     raise FileNotFoundError(f"no checkpoints in {workdir} (expected {directory})")
-  _, abstract_params = train.abstract_model(config)
-  tx = optim.make_optimizer(config)
   # The train state's layout ({step, params, opt_state, nonfinite}, train.py), abstractly.
-  abstract = {
-      "step": jax.ShapeDtypeStruct((), jnp.int32),
-      "params": abstract_params,
-      "opt_state": jax.eval_shape(tx.init, abstract_params),
-      "nonfinite": jax.ShapeDtypeStruct((), jnp.int32),
-  }
-  shardings = sharding.tree_shardings(mesh, abstract)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abstract, shardings)
+  abstract, _, _ = train.abstract_train_state(config, mesh, optim.make_optimizer(config))
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, async_save=False)
   try:
     step = checkpointer.latest_step()
@@ -368,9 +358,9 @@ def random_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
   """The from-scratch parameters: training's own init with config.seed (init_from not applied)."""
   from tvts_jax import train  # pylint: disable=g-import-not-at-top
   _, abstract_params = train.abstract_model(config)
-  init = lambda rng: nnx.split(train.build_model(config, rng))[1]
-  return jax.jit(init, out_shardings=sharding.tree_shardings(mesh, abstract_params))(
-      jax.random.key(config.seed))
+  init = lambda rng: nnx.split(train.build_model(config, rng))[1].to_pure_dict()
+  shardings = sharding.tree_shardings(mesh, abstract_params.to_pure_dict())
+  return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
 
 
 def _from_tvts_params(name: str, description: str, step: int | None, config, params) -> EvalModel:
