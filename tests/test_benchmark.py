@@ -289,12 +289,13 @@ def test_cpu_bf16_matmuls_stay_bf16_when_compiled():
 
 def test_cpu_weight_gradient_is_x_transposed_times_g():
   rng = np.random.RandomState(0)
-  x = jnp.asarray(rng.randn(40, 16), jnp.bfloat16)
-  g = jnp.asarray(rng.randn(40, 24), jnp.bfloat16)
-  got = jax.jit(layers._cpu_weight_grad)(x, g)  # pylint: disable=protected-access
-  assert got.shape == (16, 24) and got.dtype == jnp.float32
-  want = np.asarray(x, np.float32).T @ np.asarray(g, np.float32)  # the same bf16 inputs
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  for k, n in ((16, 24), (24, 16)):  # x^T copied, or g^T copied and the product transposed
+    x = jnp.asarray(rng.randn(40, k), jnp.bfloat16)
+    g = jnp.asarray(rng.randn(40, n), jnp.bfloat16)
+    got = jax.jit(layers._cpu_weight_grad)(x, g)  # pylint: disable=protected-access
+    assert got.shape == (k, n) and got.dtype == jnp.float32
+    want = np.asarray(x, np.float32).T @ np.asarray(g, np.float32)  # the same bf16 inputs
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
 def test_cpu_bf16_dense_values_and_gradients():
