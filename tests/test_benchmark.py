@@ -328,6 +328,19 @@ def test_cpu_bf16_dense_values_and_gradients():
   assert np.abs(np.asarray(ours(x, w, b) - exact(x, w, b))).max() > 1e-4
 
 
+def test_side_by_side_timing_alternates_blocks():
+  # --compare_torch: our timed steps run in blocks, each after one untimed step, and the
+  # other implementation runs a block of as many steps after each of ours.
+  config = tiny.get_config()
+  trainer = train.Trainer(config, sharding.make_mesh(config.mesh))
+  blocks = []
+  report = benchmark.benchmark_step(trainer, config, steps=7, warmup=1, text_len=6,
+                                    other=blocks.append, block=3)
+  assert blocks == [3, 3, 1]
+  assert len(report["step_times_s"]) == 7
+  assert int(trainer.state["step"]) == 1 + 7 + 3  # warm-up, timed, one untimed per block
+
+
 def test_torch_reference_model_has_our_parameter_count_and_trains():
   # The side-by-side PyTorch model must be the same architecture as ours (same parameter
   # count, text width != video width so the sorter's text projection exists in both), and its
@@ -339,6 +352,9 @@ def test_torch_reference_model_has_our_parameter_count_and_trains():
   ours = sum(x.size for x in jax.tree.leaves(
       nnx.state(nnx.eval_shape(lambda: train.build_model(config)), nnx.Param)))
   report = benchmark_torch.run_in_subprocess(config, text_len=6, steps=2, warmup=1)
+  side = benchmark_torch.SideBySide(config, text_len=6, warmup=1)  # as --compare_torch runs it
+  assert len(side.run(2)) == 2 and len(side.run(1)) == 1
+  assert len(side.close()["torch_step_times_s"]) == 3
   assert report["torch_params"] == ours
   assert report["torch_batch_size"] == 8 and report["torch_text_len"] == 6
   assert len(report["torch_step_times_s"]) == 2 and report["torch_step_time_s"] > 0

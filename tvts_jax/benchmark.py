@@ -526,9 +526,14 @@ def _median(xs: list[float]) -> float:
   return float(statistics.median(xs)) if xs else float("nan")
 
 
+# --compare_torch: steps per block, alternating with the PyTorch model's blocks.
+SIDE_BY_SIDE_BLOCK = 5
+
+
 def benchmark_step(trainer, config, *, steps: int, warmup: int, text_len: int | None = None,
-                   batch_size: int | None = None, dump_hlo: str = "",
-                   profile_dir: str = "") -> dict[str, Any]:
+                   batch_size: int | None = None, dump_hlo: str = "", profile_dir: str = "",
+                   other: Callable[[int], Any] | None = None,
+                   block: int = SIDE_BY_SIDE_BLOCK) -> dict[str, Any]:
   """Compiles and times the trainer's step on one synthetic batch.
 
   The batch is placed on the devices once; each timed step waits for the new state and the
@@ -543,6 +548,10 @@ def benchmark_step(trainer, config, *, steps: int, warmup: int, text_len: int | 
     batch_size: global batch (default config.batch_size).
     dump_hlo: write the optimised HLO text here.
     profile_dir: write a `jax.profiler` trace of the timed steps here.
+    other: side-by-side timing (`--compare_torch`): the timed steps run in blocks of `block`,
+      each after one untimed step, and `other(n)` is called after each block of n steps
+      (it runs the other implementation's block, `benchmark_torch.SideBySide.run`).
+    block: steps per block with `other`.
 
   Returns:
     The report dict (see the module docstring), without the input-pipeline keys.
@@ -565,16 +574,27 @@ def benchmark_step(trainer, config, *, steps: int, warmup: int, text_len: int | 
 
   batch = sharding.global_batch(synthetic_batch(config, batch_size, text_len), trainer.mesh)
   times, metrics = [], {}
-  for i in range(warmup + steps):
-    if i == warmup and profile_dir:
-      jax.profiler.start_trace(profile_dir)
+
+  def timed_step():
+    nonlocal metrics
     t0 = time.perf_counter()
     # The executable compiled above (the trainer's jitted step, state donated): no tracing
     # or cache lookups inside the timed region.
     trainer.state, metrics = compiled(trainer.state, batch)
     jax.block_until_ready((trainer.state, metrics))
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
+    return time.perf_counter() - t0
+
+  for _ in range(warmup):
+    timed_step()
+  if profile_dir:
+    jax.profiler.start_trace(profile_dir)
+  while len(times) < steps:
+    n = min(block, steps - len(times)) if other else steps
+    if other:
+      timed_step()  # untimed: the other process's threads go quiet
+    times += [timed_step() for _ in range(n)]
+    if other:
+      other(n)
   if profile_dir:
     jax.profiler.stop_trace()
 
@@ -779,20 +799,26 @@ def main(argv) -> None:
                        f"device, more than the {limit / 2**30:.1f} GiB available; try "
                        "--find_max_batch or --config.model.remat=full")
 
-  report = benchmark_step(trainer, config, steps=FLAGS.steps, warmup=FLAGS.warmup,
-                          text_len=text_len, batch_size=batch_size, dump_hlo=FLAGS.dump_hlo,
-                          profile_dir=FLAGS.profile_dir)
-  report["host_malloc_tuned"] = host_malloc_tuned
   # The config at the batch that was timed (--find_max_batch may have changed it).
   run_config = config.copy_and_resolve_references()
   with run_config.unlocked():
     run_config.batch_size = batch_size
+  torch_side = None
   if FLAGS.compare_torch:
     from tvts_jax import benchmark_torch  # pylint: disable=g-import-not-at-top
-    log("timing the PyTorch model of the reference architecture at the same shapes ...")
-    report.update(benchmark_torch.run_in_subprocess(
-        run_config, report["text_len"], FLAGS.steps, FLAGS.warmup))
+    log("starting the PyTorch model of the reference architecture at the same shapes; the "
+        "two are timed in alternating blocks of steps ...")
+    torch_side = benchmark_torch.SideBySide(
+        run_config, text_len or config.data.text_len, FLAGS.warmup)
+  report = benchmark_step(trainer, config, steps=FLAGS.steps, warmup=FLAGS.warmup,
+                          text_len=text_len, batch_size=batch_size, dump_hlo=FLAGS.dump_hlo,
+                          profile_dir=FLAGS.profile_dir,
+                          other=torch_side.run if torch_side else None)
+  report["host_malloc_tuned"] = host_malloc_tuned
+  if torch_side:
+    report.update(torch_side.close())
     report["speedup_vs_torch"] = report["torch_step_time_s"] / report["step_time_s"]
+    report["compare"] = f"interleaved blocks of {SIDE_BY_SIDE_BLOCK} steps"
   if search is not None:
     report["max_batch_search"] = search
     report["max_batch"] = search["max_batch"]
@@ -881,9 +907,10 @@ def _define_flags() -> None:
                     "jax's CUDA plugin) and report its memory (and --find_max_batch); no timing.")
   flags.DEFINE_integer("aot_devices", 1, "--aot_target: number of such GPUs in the mesh.")
   flags.DEFINE_bool("compare_torch", False,
-                    "Then time a PyTorch model of the reference architecture at the same "
-                    "shapes (tvts_jax/benchmark_torch.py, in a subprocess; needs .[torch]) and "
-                    "report torch_step_time_s and speedup_vs_torch.")
+                    "Also time a PyTorch model of the reference architecture at the same "
+                    "shapes (tvts_jax/benchmark_torch.py, in a subprocess; needs .[torch]), in "
+                    "blocks of steps alternating with ours, and report torch_step_time_s and "
+                    "speedup_vs_torch.")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import ml_collections
@@ -138,9 +141,8 @@ def _build(config: ml_collections.ConfigDict, text_len: int):
   return Model(), make_batch
 
 
-def benchmark(config: ml_collections.ConfigDict, text_len: int, steps: int = 8,
-              warmup: int = 1, threads: int | None = None) -> dict:
-  """Times `steps` AdamW steps (forward, backward, update) after `warmup`; returns the report."""
+def _stepper(config: ml_collections.ConfigDict, text_len: int, threads: int | None):
+  """(step function timing one AdamW step in seconds, report fields) for the config."""
   import torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   threads = threads or len(os.sched_getaffinity(0))
@@ -150,21 +152,55 @@ def benchmark(config: ml_collections.ConfigDict, text_len: int, steps: int = 8,
                           betas=(config.optim.b1, config.optim.b2),
                           weight_decay=config.optim.weight_decay)
   batch = make_batch(config.batch_size)
-  times = []
-  for i in range(warmup + steps):
+  info = dict(torch_version=torch.__version__, torch_threads=threads,
+              torch_batch_size=config.batch_size,
+              torch_params=sum(p.numel() for p in model.parameters()), torch_text_len=text_len)
+  last = {}
+
+  def step() -> float:
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     loss = model(*batch)
     loss.backward()
     opt.step()
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
+    last["loss"] = loss
+    return time.perf_counter() - t0
+
+  return step, info, last
+
+
+def _report(config, times: list[float], info: dict, last: dict) -> dict:
   step = statistics.median(times)
   return dict(torch_step_time_s=step, torch_clips_per_s=config.batch_size / step,
-              torch_step_times_s=times, torch_loss=float(loss), torch_version=torch.__version__,
-              torch_threads=threads, torch_batch_size=config.batch_size,
-              torch_params=sum(p.numel() for p in model.parameters()),
-              torch_text_len=text_len)
+              torch_step_times_s=times, torch_loss=float(last["loss"]), **info)
+
+
+def benchmark(config: ml_collections.ConfigDict, text_len: int, steps: int = 8,
+              warmup: int = 1, threads: int | None = None) -> dict:
+  """Times `steps` AdamW steps (forward, backward, update) after `warmup`; returns the report."""
+  step, info, last = _stepper(config, text_len, threads)
+  for _ in range(warmup):
+    step()
+  return _report(config, [step() for _ in range(steps)], info, last)
+
+
+def serve(config: ml_collections.ConfigDict, text_len: int, warmup: int) -> None:
+  """The subprocess side of `SideBySide`: stdin line N > 0 runs one untimed step and N timed
+  ones and prints their times as a JSON list; 0 prints the report and returns."""
+  step, info, last = _stepper(config, text_len, None)
+  for _ in range(warmup):
+    step()
+  print("READY", flush=True)
+  times = []
+  for line in sys.stdin:
+    n = int(line)
+    if not n:
+      break
+    step()  # settles the threads after the other process's block
+    block = [step() for _ in range(n)]
+    times += block
+    print(json.dumps(block), flush=True)
+  print(json.dumps(_report(config, times, info, last)), flush=True)
 
 
 def run_in_subprocess(config: ml_collections.ConfigDict, text_len: int, steps: int,
@@ -174,19 +210,60 @@ def run_in_subprocess(config: ml_collections.ConfigDict, text_len: int, steps: i
   Raises:
     RuntimeError: PyTorch is missing or the run failed (its stderr is in the message).
   """
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  code = ("import json, sys; from ml_collections import ConfigDict; "
-          "from tvts_jax import benchmark_torch as b; "
-          "print(json.dumps(b.benchmark(ConfigDict(json.loads(sys.argv[1])), "
-          "*map(int, sys.argv[2:]))))")
-  proc = subprocess.run([sys.executable, "-c", code, config.to_json(), str(text_len),
-                         str(steps), str(warmup)], capture_output=True, text=True,
-                        check=False, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-  if proc.returncode:
-    raise RuntimeError("the PyTorch reference benchmark failed (pip install -e '.[torch]'?):\n"
-                       + proc.stderr[-3000:])
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  side = SideBySide(config, text_len, warmup)
+  side.run(steps)
+  return side.close()
+
+
+class SideBySide:
+  """The PyTorch model in a subprocess, stepping a block at a time when asked.
+
+  `benchmark --compare_torch` alternates blocks of its own steps with blocks of these, so
+  both are timed over the same minutes: on a shared machine whose speed drifts (2x within
+  minutes on our 2-core development box) a run of one after the other is not a comparison.
+  Each block starts with one untimed step on either side, which lets the other process's
+  threads go quiet. The subprocess is idle (blocked on its stdin) while ours runs.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, text_len: int, warmup: int):
+    """Starts the subprocess; returns once its model is built and warmed up.
+
+    Raises:
+      RuntimeError: PyTorch is missing or the subprocess failed (its stderr is in the message).
+    """
+    code = ("import json, sys; from ml_collections import ConfigDict; "
+            "from tvts_jax import benchmark_torch as b; "
+            "b.serve(ConfigDict(json.loads(sys.argv[1])), *map(int, sys.argv[2:]))")
+    self._stderr = tempfile.TemporaryFile("w+")  # a pipe nobody reads could fill and block
+    self._proc = subprocess.Popen(
+        [sys.executable, "-c", code, config.to_json(), str(text_len), str(warmup)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    self._read()  # READY
+
+  def _read(self) -> str:
+    line = self._proc.stdout.readline()
+    if not line:
+      self._proc.wait()
+      self._stderr.seek(0)
+      raise RuntimeError("the PyTorch reference benchmark failed (pip install -e "
+                         "'.[torch]'?):\n" + self._stderr.read()[-3000:])
+    return line
+
+  def run(self, steps: int) -> list[float]:
+    """Runs one untimed and `steps` timed steps; returns their times."""
+    self._proc.stdin.write(f"{steps}\n")
+    self._proc.stdin.flush()
+    return json.loads(self._read())
+
+  def close(self) -> dict:
+    """Ends the subprocess; returns its report over all blocks (as `benchmark`'s)."""
+    self._proc.stdin.write("0\n")
+    self._proc.stdin.flush()
+    report = json.loads(self._read())
+    self._proc.wait()
+    self._stderr.close()
+    return report
 
 
 def main(argv) -> None:
