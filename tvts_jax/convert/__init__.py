@@ -79,7 +79,7 @@ def merge_into_params(params: Any, converted: dict[str, Any], config,
   """Replaces the converted leaves of `params`, keeping dtypes and shardings.
 
   Args:
-    params: the model parameters: an `nnx.State` (as in the train state) or a pure nested dict.
+    params: the model parameters: a pure nested dict (as in the train state) or an `nnx.State`.
     converted: nested numpy dict in our list layout (a subset of the parameter tree).
     config: reads model.scan_layers (converted stacks are stacked to match).
     report: if given, `kept_init` is filled with our paths the conversion did not provide.
