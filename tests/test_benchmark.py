@@ -359,6 +359,10 @@ def test_torch_reference_model_has_our_parameter_count_and_trains():
   assert report["torch_batch_size"] == 8 and report["torch_text_len"] == 6
   assert len(report["torch_step_times_s"]) == 2 and report["torch_step_time_s"] > 0
   assert np.isfinite(report["torch_loss"])
+  # A subprocess that dies is an error carrying its traceback, not a hang.
+  config.model.text.num_heads = 5  # 48 is not divisible by 5: the PyTorch model fails
+  with pytest.raises(RuntimeError, match="reference benchmark failed(.|\n)*Traceback"):
+    benchmark_torch.SideBySide(config, text_len=6, warmup=1)
 
 
 # --- compiling for a GPU this machine does not have (tvts_jax/aot.py) ---------------------
