@@ -4,6 +4,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -274,17 +275,37 @@ def test_bf16_on_cpu_multiplies_bf16_into_f32_and_keeps_activations_f32():
   assert "bf16" not in stats["exponentials"], stats["exponentials"]
 
 
+def _one_device_mesh(config):
+  # One device holds the whole batch of 8: the matmuls have the shapes a CPU run has (split
+  # over 8 fake devices, one example each, XLA lowers the weight gradients differently).
+  return sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+
+
 def test_cpu_bf16_matmuls_stay_bf16_when_compiled():
   # XLA:CPU converts a bf16 matmul it has no kernel for (one contracting the leading
   # dimension, as a plain weight gradient x^T g does) to f32 x f32: the compiled step must keep
   # every bf16 matmul of the lowered one (layers._cpu_weight_grad), at twice the f32 rate.
   config = tiny.get_config()
   config.compute_dtype = "bfloat16"
-  trainer = train.Trainer(config, sharding.make_mesh(config.mesh))
+  trainer = train.Trainer(config, _one_device_mesh(config))
   compiled, _, _, lowered = benchmark.compile_step(trainer, config, 8, None)
   lowered_bf16 = benchmark.lowered_stats(lowered.as_text())["dots"]["bf16,bf16->f32"]
   assert lowered_bf16 >= 3 * 4 * 3
   assert benchmark.hlo_stats(compiled.as_text())["dots"].get("bf16,bf16->f32") == lowered_bf16
+
+
+def test_cpu_weight_gradients_contract_a_row_major_copy():
+  # XLA:CPU's fast matmul (YNNPACK) rejects one whose lhs contracts its leading dimension, the
+  # plain weight-gradient form x^T g: f32 ones then ran in Eigen, bf16 ones were converted to
+  # f32. Every Linear's weight gradient must come from `_cpu_weight_grad`'s row-major copy.
+  config = tiny.get_config()
+  trainer = train.Trainer(config, _one_device_mesh(config))
+  compiled, _, _, _ = benchmark.compile_step(trainer, config, 8, None)
+  weight_grads = [
+      m for m in re.finditer(r"= f32\[(\d+),(\d+)\]\{[\d,]+\} dot\([^\n]*"
+                             r"lhs_contracting_dims=\{0\}", compiled.as_text())
+      if min(int(m.group(1)), int(m.group(2))) >= 16]  # the model's [K, N] weights
+  assert not weight_grads, [m.group(0)[:120] for m in weight_grads]
 
 
 def test_cpu_weight_gradient_is_x_transposed_times_g():
@@ -339,6 +360,20 @@ def test_side_by_side_timing_alternates_blocks():
   assert blocks == [3, 3, 1]
   assert len(report["step_times_s"]) == 7
   assert int(trainer.state["step"]) == 1 + 7 + 3  # warm-up, timed, one untimed per block
+
+
+def test_cpu_f32_dense_equals_autodiff():
+  # In float32 the CPU custom backward pass only re-lays out the weight gradient.
+  rng = np.random.RandomState(1)
+  x, g = jnp.asarray(rng.randn(3, 5, 16), jnp.float32), jnp.asarray(rng.randn(3, 5, 24))
+  w, b = jnp.asarray(rng.randn(16, 24) / 4, jnp.float32), jnp.asarray(rng.randn(24), jnp.float32)
+  loss = lambda fn, x, w, b: jnp.sum(fn(x, w, b) * g)
+  ours = functools.partial(loss, lambda x, w, b: layers.dense(x, w, b, jnp.float32))
+  exact = functools.partial(loss, lambda x, w, b: x @ w + b)
+  np.testing.assert_allclose(ours(x, w, b), exact(x, w, b), rtol=1e-6)
+  for a, e in zip(jax.grad(ours, argnums=(0, 1, 2))(x, w, b),
+                  jax.grad(exact, argnums=(0, 1, 2))(x, w, b)):
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
 
 
 def test_torch_reference_model_has_our_parameter_count_and_trains():
