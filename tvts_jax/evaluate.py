@@ -357,10 +357,9 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
 def random_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
   """The from-scratch parameters: training's own init with config.seed (init_from not applied)."""
   from tvts_jax import train  # pylint: disable=g-import-not-at-top
-  _, abstract_params = train.abstract_model(config)
-  init = lambda rng: nnx.split(train.build_model(config, rng))[1].to_pure_dict()
-  shardings = sharding.tree_shardings(mesh, abstract_params.to_pure_dict())
-  return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+  init, rng = functools.partial(train.init_params, config), jax.random.key(config.seed)
+  shardings = sharding.tree_shardings(mesh, jax.eval_shape(init, rng))
+  return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def _from_tvts_params(name: str, description: str, step: int | None, config, params) -> EvalModel:

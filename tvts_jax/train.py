@@ -49,9 +49,13 @@ def abstract_model(config):
   return nnx.split(nnx.eval_shape(lambda: build_model(config)))
 
 
+def init_params(config, rng):
+  """Freshly initialised parameters as the train state holds them: a pure nested dict."""
+  return nnx.split(build_model(config, rng))[1].to_pure_dict()
+
+
 def _init_state(config, tx, rng):
-  model = build_model(config, rng)
-  params = nnx.split(model)[1].to_pure_dict()
+  params = init_params(config, rng)
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
           "nonfinite": jnp.zeros((), jnp.int32)}
 
