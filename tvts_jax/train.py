@@ -26,9 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tensorflow as tf
 from absl import logging
-from clu import metric_writers, periodic_actions
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -196,7 +194,13 @@ class Trainer:
         "num_examples": count}
 
 
+# TensorFlow (tf.io.gfile, tf.data) and clu (which imports it) are needed by the training loop
+# only, not by the state and step: the benchmark and library users import this module without
+# them.
+
+
 def _write_config(config, workdir: str) -> None:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -205,6 +209,7 @@ def _write_config(config, workdir: str) -> None:
 def _prepare_workdir(config, workdir: str) -> None:
   """Creates the workdir and writes config.json there, so that a workdir that cannot be written
   fails in the first second with its name, not at the first checkpoint after hours of work."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     tf.io.gfile.makedirs(workdir)
     _write_config(config, workdir)
@@ -259,6 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The final step, the last logged train metrics, the last eval results and the history of
     logged (step, mean train loss) pairs (for tests and scripts).
   """
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   from tvts_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   config_schema.validate(config)
   _prepare_workdir(config, workdir)
