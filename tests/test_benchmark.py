@@ -162,6 +162,16 @@ def test_find_max_batch_doubles_then_bisects(monkeypatch):
   config.batch_size = 1024
   assert benchmark.find_max_batch(_Trainer(), config, limit_bytes=limit, fraction=0.9,
                                   log=lambda _: None)["max_batch"] == 252
+  # A coarser search: only multiples of lcm(4 devices, 48) = 48, so 240, in fewer compiles.
+  compiled_batches.clear()
+  config.batch_size = 24
+  kept = {}
+  out = benchmark.find_max_batch(_Trainer(), config, limit_bytes=limit, fraction=0.9,
+                                 multiple=48, compiled=kept, log=lambda _: None)
+  assert out["max_batch"] == 240 and out["per_device"] == 60
+  # The step compiled at the answer is handed back (timed without compiling it again).
+  assert list(kept) == [240] and kept[240][0] == 240
+  assert all(b % 48 == 0 for b in compiled_batches) and len(compiled_batches) <= 6
 
 
 def _loss_and_grads(config, params_pure):

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib.util
 import json
+import math
 import os
 import re
 import statistics
@@ -436,12 +438,14 @@ def _is_oom(error: Exception) -> bool:
 
 def find_max_batch(trainer, config, text_len: int | None = None, *,
                    limit_bytes: int, fraction: float = 0.9, max_batch: int = 1 << 14,
+                   multiple: int = 1, compiled: dict[int, Any] | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
   """The largest global batch whose compiled step fits `fraction` of a device's memory.
 
   Doubles the batch from config.batch_size while it fits, then bisects between the last batch
   that fits and the first that does not (halving first if config.batch_size itself does not
-  fit). Batches are multiples of the device count. Only compiles: XLA's memory analysis of
+  fit). Batches are multiples of the device count and of `multiple` (fewer compiles on a large
+  device: each costs a full compile of the step). Only compiles: XLA's memory analysis of
   each candidate (`memory_analysis(...)['estimate']`, per device) is compared with the
   limit, so nothing is allocated and an oversized batch cannot crash the search.
 
@@ -453,22 +457,32 @@ def find_max_batch(trainer, config, text_len: int | None = None, *,
     fraction: share of `limit_bytes` a batch may use (headroom for fragmentation and the
       runtime's own buffers).
     max_batch: stop doubling here.
+    multiple: the search's resolution; batches tried are multiples of lcm(device count,
+      multiple).
+    compiled: if given, receives {max_batch: compile_step's result} (the step already
+      compiled at the answer, for `benchmark_step(precompiled=...)`).
     log: progress printer.
 
   Returns:
     dict(max_batch (0 if none fits), per_device, estimate_bytes (of max_batch), limit_bytes,
     fraction, tried: list of [batch, estimate bytes or null, fits]).
   """
-  unit = trainer.mesh.size
+  if multiple < 1:
+    raise ValueError(f"multiple must be >= 1, got {multiple}")
+  unit = math.lcm(trainer.mesh.size, multiple)
   tried: dict[int, tuple[int | None, bool]] = {}
 
   def fits(batch: int) -> bool:
     if batch not in tried:
       try:
-        compiled, _, seconds, _ = compile_step(trainer, config, batch, text_len)
-        mem = memory_analysis(compiled)
+        result = compile_step(trainer, config, batch, text_len)
+        seconds = result[2]
+        mem = memory_analysis(result[0])
         estimate = None if mem is None else mem["estimate"]
         ok = estimate is not None and estimate <= fraction * limit_bytes
+        if ok and compiled is not None and batch > max(compiled, default=0):
+          compiled.clear()  # keep only the largest batch that fits: an executable is large
+          compiled[batch] = result
       except jax.errors.JaxRuntimeError as e:  # the compiler itself ran out of memory
         if not _is_oom(e):
           raise
@@ -505,7 +519,7 @@ def find_max_batch(trainer, config, text_len: int | None = None, *,
       lo = mid
     else:
       hi = mid
-  return dict(max_batch=lo, per_device=lo // unit,
+  return dict(max_batch=lo, per_device=lo // trainer.mesh.size,
               estimate_bytes=tried[lo][0] if lo else None, limit_bytes=limit_bytes,
               fraction=fraction,
               tried=[[b, est, ok] for b, (est, ok) in sorted(tried.items())])
@@ -533,7 +547,8 @@ SIDE_BY_SIDE_BLOCK = 5
 def benchmark_step(trainer, config, *, steps: int, warmup: int, text_len: int | None = None,
                    batch_size: int | None = None, dump_hlo: str = "", profile_dir: str = "",
                    other: Callable[[int], Any] | None = None,
-                   block: int = SIDE_BY_SIDE_BLOCK) -> dict[str, Any]:
+                   block: int = SIDE_BY_SIDE_BLOCK,
+                   precompiled: tuple | None = None) -> dict[str, Any]:
   """Compiles and times the trainer's step on one synthetic batch.
 
   The batch is placed on the devices once; each timed step waits for the new state and the
@@ -552,13 +567,16 @@ def benchmark_step(trainer, config, *, steps: int, warmup: int, text_len: int | 
       each after one untimed step, and `other(n)` is called after each block of n steps
       (it runs the other implementation's block, `benchmark_torch.SideBySide.run`).
     block: steps per block with `other`.
+    precompiled: `compile_step`'s result for this batch where the caller compiled it already
+      (the memory check before allocating): reused, and its compile time reported.
 
   Returns:
     The report dict (see the module docstring), without the input-pipeline keys.
   """
   batch_size = config.batch_size if batch_size is None else batch_size
   sharding.check_batch_size(batch_size, trainer.mesh)
-  compiled, lower_s, compile_s, lowered = compile_step(trainer, config, batch_size, text_len)
+  compiled, lower_s, compile_s, lowered = (
+      precompiled or compile_step(trainer, config, batch_size, text_len))
   hlo = compiled.as_text()
   if dump_hlo:
     with open(dump_hlo, "w") as f:
@@ -636,6 +654,11 @@ def benchmark_step(trainer, config, *, steps: int, warmup: int, text_len: int | 
     report["flops_note"] = ("the step has while loops (scan_layers): XLA's cost analysis "
                             "counts a loop body once, so flops_per_step and tflops_per_s are "
                             "low; use flops_per_step_analytic / model_tflops_per_s")
+  elif xla_flops_total is not None and xla_flops_total < 0.5 * analytic["total"]:
+    report["flops_note"] = ("XLA's cost analysis counts no library calls (on GPU the matmuls "
+                            "run in cuBLAS and fused attention in cuDNN), so flops_per_step "
+                            "and tflops_per_s are low; use flops_per_step_analytic / "
+                            "model_tflops_per_s")
   return report
 
 
@@ -758,9 +781,11 @@ def main(argv) -> None:
   if FLAGS.aot_target:
     _aot_main(FLAGS)
     return
-  # The trainer imports TensorFlow (tf.data): keep it off the accelerators, which are JAX's.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
+  # --input uses tf.data: keep TensorFlow off the accelerators, which are JAX's. The step alone
+  # needs no TensorFlow, so a JAX-only environment (an accelerator image) can time it.
+  if importlib.util.find_spec("tensorflow") is not None:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], "GPU")
   from tvts_jax import host_memory  # pylint: disable=g-import-not-at-top
   host_malloc_tuned = host_memory.configure(FLAGS.host_malloc)  # before JAX's CPU client
   from tvts_jax import train  # pylint: disable=g-import-not-at-top
@@ -777,23 +802,25 @@ def main(argv) -> None:
   log(f"{jax.device_count()} x {jax.devices()[0].device_kind}; state created in "
       f"{time.perf_counter() - t0:.1f} s")
 
-  search = None
+  search, precompiled = None, None
   batch_size = config.batch_size
   limit = device_memory_limit(jax.devices()[0])
   if FLAGS.find_max_batch:
     if limit is None:
       raise ValueError("--find_max_batch: this backend reports no memory limit")
     log("searching the largest batch that fits:")
+    kept: dict[int, Any] = {}
     search = find_max_batch(trainer, config, text_len, limit_bytes=limit,
                             fraction=FLAGS.memory_fraction, max_batch=FLAGS.max_batch,
-                            log=log)
+                            multiple=FLAGS.batch_multiple, compiled=kept, log=log)
     if not search["max_batch"]:
       raise ValueError("not even one example per device fits")
     batch_size = search["max_batch"]
+    precompiled = kept.get(batch_size)
   elif limit is not None and jax.devices()[0].platform != "cpu":
     # Check before allocating: an oversized batch is a message, not an OOM crash.
-    compiled, _, _, _ = compile_step(trainer, config, batch_size, text_len)
-    mem = memory_analysis(compiled)
+    precompiled = compile_step(trainer, config, batch_size, text_len)
+    mem = memory_analysis(precompiled[0])
     if mem and mem["estimate"] > limit:
       raise ValueError(f"batch {batch_size} needs {mem['estimate'] / 2**30:.1f} GiB per "
                        f"device, more than the {limit / 2**30:.1f} GiB available; try "
@@ -813,7 +840,8 @@ def main(argv) -> None:
   report = benchmark_step(trainer, config, steps=FLAGS.steps, warmup=FLAGS.warmup,
                           text_len=text_len, batch_size=batch_size, dump_hlo=FLAGS.dump_hlo,
                           profile_dir=FLAGS.profile_dir,
-                          other=torch_side.run if torch_side else None)
+                          other=torch_side.run if torch_side else None,
+                          precompiled=precompiled)
   report["host_malloc_tuned"] = host_malloc_tuned
   if torch_side:
     report.update(torch_side.close())
@@ -860,7 +888,8 @@ def _aot_main(FLAGS) -> None:  # pylint: disable=invalid-name
   batch_size = config.batch_size
   if FLAGS.find_max_batch:
     search = find_max_batch(trainer, config, text_len, limit_bytes=limit,
-                            fraction=FLAGS.memory_fraction, max_batch=FLAGS.max_batch)
+                            fraction=FLAGS.memory_fraction, max_batch=FLAGS.max_batch,
+                            multiple=FLAGS.batch_multiple)
     report.update(max_batch=search["max_batch"], max_batch_search=search)
     batch_size = search["max_batch"] or batch_size
   compiled, _, compile_s, _ = compile_step(trainer, config, batch_size, text_len)
@@ -890,6 +919,9 @@ def _define_flags() -> None:
   flags.DEFINE_float("memory_fraction", 0.9,
                      "--find_max_batch: share of the device memory a batch may use.")
   flags.DEFINE_integer("max_batch", 1 << 14, "--find_max_batch: largest batch tried.")
+  flags.DEFINE_integer("batch_multiple", 1,
+                       "--find_max_batch: try only multiples of this (and of the device "
+                       "count): fewer compiles, the answer within one multiple.")
   flags.DEFINE_bool("input", False,
                     "Also time the input pipeline alone and feeding the step.")
   flags.DEFINE_string("records", "",
