@@ -5,6 +5,7 @@ and every variant (scan layout, bf16) reuses their values through its own graphd
 remat policies are compared on a BlockStack, the one place they act.
 """
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -268,11 +269,55 @@ def test_cudnn_attention_pads_to_even_lengths_and_equals_xla(monkeypatch, num_qu
     assert not np.allclose(xla(x, None, num_queries), xla(x, mask, num_queries), atol=1e-3)
 
 
+def _count_primitive(jaxpr, name: str) -> int:
+  """Equations of a primitive in a jaxpr, sub-jaxprs (scan bodies, custom VJPs) included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      count += _count_primitive(sub, name)
+  return count
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("num_queries,masked", [(None, False), (None, True), (1, True)])
+def test_cudnn_block_stack_pads_once_and_equals_xla(monkeypatch, scan_layers, num_queries,
+                                                    masked):
+  # An odd-length stack on the cuDNN path is padded once by a masked zero token, not in every
+  # block: values and gradients equal XLA's attention on the odd sequence, every kernel call
+  # sees even lengths, and the traced stack pads twice (tokens and mask) for any depth, plus
+  # the read-out's one-query pad, where it used to pad q, k and v in every block.
+  calls = []
+  monkeypatch.setattr(jax.nn, "dot_product_attention", _recording_attention(calls))
+  make = lambda attention: layers.BlockStack(3, 32, 2, 64, ln_eps=1e-6, dtype=jnp.float32,
+                                             scan_layers=scan_layers, attention=attention,
+                                             rngs=nnx.Rngs(0))
+  xla, cudnn = make("xla"), make("cudnn")
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(4, 9, 32), jnp.float32)  # 9 tokens: odd
+  lengths = np.array([1, 4, 9, 6])
+  mask = jnp.asarray(np.arange(9) < lengths[:, None]) if masked else None
+
+  def loss(module, x):
+    return jnp.sum(jnp.sin(module(x, mask, num_queries)))
+
+  want, want_grad = jax.value_and_grad(loss, argnums=1)(xla, x)
+  got, got_grad = jax.value_and_grad(loss, argnums=1)(cudnn, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+  assert cudnn(x, mask, num_queries).shape == (4, num_queries or 9, 32)
+  assert calls and all(c["shape"][1] % 2 == 0 and c["key_shape"][1] == 10
+                       for c in calls if c["implementation"] == "cudnn")
+  jaxpr = jax.make_jaxpr(lambda x: cudnn(x, mask, num_queries))(x).jaxpr
+  assert _count_primitive(jaxpr, "pad") == 2 + (num_queries is not None)
+
+
 def test_cudnn_training_step_lowers_for_cuda(monkeypatch):
   # Runs only where jax's CUDA plugin is installed (no GPU needed): lowering for CUDA runs
   # jax's own cuDNN checks (head dims, even lengths under differentiation, masks) on the
   # model's real attention shapes, which the recording stand-in above cannot.
-  pytest.importorskip("jax_cuda12_plugin")
+  if not any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
+    pytest.skip("needs jax's CUDA plugin (jax-cuda12-plugin or jax-cuda13-plugin)")
   from tvts_jax import benchmark, train  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(layers, "on_cuda_gpu", lambda: True)
   monkeypatch.setattr(layers, "on_cpu", lambda: False)
