@@ -412,7 +412,7 @@ def test_torch_reference_model_has_our_parameter_count_and_trains():
 
 # --- compiling for a GPU this machine does not have (tvts_jax/aot.py) ---------------------
 
-_HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
+_HAS_CUDA_PLUGIN = any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
 
 
 def test_target_platform_override_decides_the_program():

@@ -6,8 +6,8 @@ config's memory and the largest batch that fits can be known before renting the 
 (`python -m tvts_jax.benchmark --aot_target=h100 [--find_max_batch]`). Nothing runs: there is
 no step time and no FLOP count (XLA reports no cost analysis for such executables).
 
-Needs jax's CUDA plugin (`pip install jax-cuda12-plugin==<jax version> nvidia-cudnn-cu12`; no
-GPU, driver or CUDA toolkit). `configure_environment` must run before JAX starts its backends:
+Needs jax's CUDA plugin (`pip install jax-cuda12-plugin==<jax version> nvidia-cudnn-cu12`, or
+jax-cuda13-plugin with nvidia-cudnn-cu13; no GPU, driver or CUDA toolkit). `configure_environment` must run before JAX starts its backends:
 it lets the plugin load without a driver and turns off what needs a device at compile time
 (GEMM autotuning, Triton GEMMs), which changes kernels, not buffer sizes.
 """
@@ -88,7 +88,7 @@ class AotTrainer:
     except (NotImplementedError, RuntimeError) as e:
       raise RuntimeError(
           "compiling for a GPU without one needs jax's CUDA plugin (pip install "
-          f"jax-cuda12-plugin=={jax.__version__} nvidia-cudnn-cu12) and "
+          f"jax-cuda12-plugin=={jax.__version__} nvidia-cudnn-cu12, or the cuda13 pair) and "
           "aot.configure_environment() before JAX starts: " + str(e)) from e
     # Build and trace the model as for that GPU (bf16 activations, cuDNN attention allowed).
     layers.set_target_platform("cuda")
