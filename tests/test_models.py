@@ -239,20 +239,12 @@ def test_attention_implementation_reaches_every_attention_layer(monkeypatch, bat
     assert text_calls and all(c["key_value_seq_lengths"].shape == (b * k,) for c in text_calls)
 
 
-@pytest.mark.parametrize("num_queries", [None, 1, 4])
-@pytest.mark.parametrize("masked", [False, True])
-def test_cudnn_attention_pads_to_even_lengths_and_equals_xla(monkeypatch, num_queries, masked):
-  # The cuDNN path pads odd query / key lengths by one row and turns key padding into
-  # lengths; computed by XLA it must give XLA's attention exactly (values and gradients),
-  # with only even lengths reaching the kernel.
+def _cudnn_equals_xla(monkeypatch, xla, cudnn, x, mask, num_queries, grad_atol):
+  """Asserts that the two modules' values and input gradients agree, computing the 'cudnn'
+  one's attention with XLA; returns its recorded cuDNN calls, all of even lengths and with
+  no boolean mask."""
   calls = []
   monkeypatch.setattr(jax.nn, "dot_product_attention", _recording_attention(calls))
-  xla = layers.Attention(32, 2, dtype=jnp.float32, rngs=nnx.Rngs(0))
-  cudnn = layers.Attention(32, 2, dtype=jnp.float32, attention="cudnn", rngs=nnx.Rngs(0))
-  rng = np.random.RandomState(0)
-  x = jnp.asarray(rng.randn(6, 9, 32), jnp.float32)  # 9 tokens: odd
-  lengths = np.array([1, 2, 5, 8, 9, 3])
-  mask = jnp.asarray(np.arange(9) < lengths[:, None]) if masked else None
 
   def loss(module, x):
     return jnp.sum(jnp.sin(module(x, mask, num_queries)))
@@ -260,10 +252,27 @@ def test_cudnn_attention_pads_to_even_lengths_and_equals_xla(monkeypatch, num_qu
   want, want_grad = jax.value_and_grad(loss, argnums=1)(xla, x)
   got, got_grad = jax.value_and_grad(loss, argnums=1)(cudnn, x)
   np.testing.assert_allclose(got, want, rtol=1e-5)
-  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=grad_atol)
   cudnn_calls = [c for c in calls if c["implementation"] == "cudnn"]
   assert cudnn_calls and all(c["shape"][1] % 2 == 0 and c["key_shape"][1] % 2 == 0
                              and "mask" not in c for c in cudnn_calls)
+  return cudnn_calls
+
+
+@pytest.mark.parametrize("num_queries", [None, 1, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cudnn_attention_pads_to_even_lengths_and_equals_xla(monkeypatch, num_queries, masked):
+  # The cuDNN path pads odd query / key lengths by one row and turns key padding into
+  # lengths; computed by XLA it must give XLA's attention exactly (values and gradients),
+  # with only even lengths reaching the kernel.
+  xla = layers.Attention(32, 2, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  cudnn = layers.Attention(32, 2, dtype=jnp.float32, attention="cudnn", rngs=nnx.Rngs(0))
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(6, 9, 32), jnp.float32)  # 9 tokens: odd
+  lengths = np.array([1, 2, 5, 8, 9, 3])
+  mask = jnp.asarray(np.arange(9) < lengths[:, None]) if masked else None
+  cudnn_calls = _cudnn_equals_xla(monkeypatch, xla, cudnn, x, mask, num_queries,
+                                  grad_atol=1e-6)
   np.testing.assert_array_equal(cudnn_calls[-1]["key_value_seq_lengths"],
                                 lengths if masked else [9] * 6)
   if masked:  # ...and the padding really matters: attending to every key differs.
@@ -288,8 +297,6 @@ def test_cudnn_block_stack_pads_once_and_equals_xla(monkeypatch, scan_layers, nu
   # block: values and gradients equal XLA's attention on the odd sequence, every kernel call
   # sees even lengths, and the traced stack pads twice (tokens and mask) for any depth, plus
   # the read-out's one-query pad, where it used to pad q, k and v in every block.
-  calls = []
-  monkeypatch.setattr(jax.nn, "dot_product_attention", _recording_attention(calls))
   make = lambda attention: layers.BlockStack(3, 32, 2, 64, ln_eps=1e-6, dtype=jnp.float32,
                                              scan_layers=scan_layers, attention=attention,
                                              rngs=nnx.Rngs(0))
@@ -298,18 +305,10 @@ def test_cudnn_block_stack_pads_once_and_equals_xla(monkeypatch, scan_layers, nu
   x = jnp.asarray(rng.randn(4, 9, 32), jnp.float32)  # 9 tokens: odd
   lengths = np.array([1, 4, 9, 6])
   mask = jnp.asarray(np.arange(9) < lengths[:, None]) if masked else None
-
-  def loss(module, x):
-    return jnp.sum(jnp.sin(module(x, mask, num_queries)))
-
-  want, want_grad = jax.value_and_grad(loss, argnums=1)(xla, x)
-  got, got_grad = jax.value_and_grad(loss, argnums=1)(cudnn, x)
-  np.testing.assert_allclose(got, want, rtol=1e-5)
   # Three blocks of float32 sums in another order: up to ~4e-6 apart (jax 0.11).
-  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=2e-5)
+  calls = _cudnn_equals_xla(monkeypatch, xla, cudnn, x, mask, num_queries, grad_atol=2e-5)
+  assert all(c["key_shape"][1] == 10 for c in calls)
   assert cudnn(x, mask, num_queries).shape == (4, num_queries or 9, 32)
-  assert calls and all(c["shape"][1] % 2 == 0 and c["key_shape"][1] == 10
-                       for c in calls if c["implementation"] == "cudnn")
   jaxpr = jax.make_jaxpr(lambda x: cudnn(x, mask, num_queries))(x).jaxpr
   assert _count_primitive(jaxpr, "pad") == 2 + (num_queries is not None)
 
