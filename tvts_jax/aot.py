@@ -7,9 +7,11 @@ config's memory and the largest batch that fits can be known before renting the 
 no step time and no FLOP count (XLA reports no cost analysis for such executables).
 
 Needs jax's CUDA plugin (`pip install jax-cuda12-plugin==<jax version> nvidia-cudnn-cu12`, or
-jax-cuda13-plugin with nvidia-cudnn-cu13; no GPU, driver or CUDA toolkit). `configure_environment` must run before JAX starts its backends:
-it lets the plugin load without a driver and turns off what needs a device at compile time
-(GEMM autotuning, Triton GEMMs), which changes kernels, not buffer sizes.
+jax-cuda13-plugin with nvidia-cudnn-cu13; no GPU, driver or CUDA toolkit).
+`configure_environment` must run before JAX starts its backends: it lets the plugin load
+without a driver and turns off what needs a device at compile time (GEMM autotuning, Triton
+GEMMs), which changes kernels, not buffer sizes (on an H200 the card's own memory estimate of
+the paper step equalled the deviceless one to the byte).
 """
 
 from __future__ import annotations
