@@ -1,7 +1,6 @@
 """The benchmark's deterministic parts: FLOP count, MFU, HLO reading, batch search; and that
 remat / scan_layers give the plain model's loss and gradients. No timing is asserted."""
 import functools
-import importlib.util
 import json
 import os
 import re
@@ -412,7 +411,7 @@ def test_torch_reference_model_has_our_parameter_count_and_trains():
 
 # --- compiling for a GPU this machine does not have (tvts_jax/aot.py) ---------------------
 
-_HAS_CUDA_PLUGIN = any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
+_HAS_CUDA_PLUGIN = aot.cuda_plugin_installed()
 
 
 def test_target_platform_override_decides_the_program():

@@ -5,7 +5,6 @@ and every variant (scan layout, bf16) reuses their values through its own graphd
 remat policies are compared on a BlockStack, the one place they act.
 """
 import functools
-import importlib.util
 
 import jax
 import jax.extend
@@ -15,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from tvts_jax import config_schema, losses
+from tvts_jax import aot, config_schema, losses
 from tvts_jax.models import layers, tvts, video_vit
 
 B = 3
@@ -317,7 +316,7 @@ def test_cudnn_training_step_lowers_for_cuda(monkeypatch):
   # Runs only where jax's CUDA plugin is installed (no GPU needed): lowering for CUDA runs
   # jax's own cuDNN checks (head dims, even lengths under differentiation, masks) on the
   # model's real attention shapes, which the recording stand-in above cannot.
-  if not any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
+  if not aot.cuda_plugin_installed():
     pytest.skip("needs jax's CUDA plugin (jax-cuda12-plugin or jax-cuda13-plugin)")
   from tvts_jax import benchmark, train  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(layers, "on_cuda_gpu", lambda: True)

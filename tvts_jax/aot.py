@@ -16,6 +16,7 @@ the paper step equalled the deviceless one to the byte).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import jax
@@ -48,6 +49,11 @@ TARGETS = {
 # The share of a GPU's memory JAX's allocator takes by default (XLA_PYTHON_CLIENT_MEM_FRACTION):
 # what `memory_stats()['bytes_limit']` reports on the card, so the limit a real run has.
 DEFAULT_MEM_FRACTION = 0.75
+
+
+def cuda_plugin_installed() -> bool:
+  """Whether jax's CUDA plugin (CUDA 12 or 13 build) is importable: what this module needs."""
+  return any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
 
 
 def configure_environment() -> None:
