@@ -52,6 +52,11 @@ from data_pipelines import transcripts
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 LABEL_MODES = ("folders", "csv")
 SKIPPED_FILE = "skipped.jsonl"
+# Container metadata that is not UTF-8 (common in old AVI/MKV files) must not make a video
+# unreadable. PyAV < 19 raises on it unless told `metadata_errors="ignore"`; PyAV 19 decodes it
+# with surrogateescape and no longer takes the argument.
+_AV_OPEN_KWARGS = ({"metadata_errors": "ignore"}
+                   if int(av.__version__.split(".")[0]) < 19 else {})
 
 # Reason code -> what was tried and what it means. Unexpected exceptions are counted as
 # "error: <ExceptionType>" and logged with their traceback.
@@ -257,7 +262,7 @@ def decode_video(path: str, options: Options) -> DecodedVideo:
   with contextlib.ExitStack() as stack:
     try:
       source = stack.enter_context(tf.io.gfile.GFile(path, "rb")) if _is_remote(path) else path
-      container = stack.enter_context(av.open(source, metadata_errors="ignore"))
+      container = stack.enter_context(av.open(source, **_AV_OPEN_KWARGS))
     except av.error.FFmpegError as e:
       raise _SkipVideo("video_unreadable", str(e)) from None
     if not container.streams.video:

@@ -22,11 +22,13 @@ FPS = 10  # source frame rate of the test videos
 SHORT = 32  # stored short side, small to keep the tests fast
 
 
-def make_video(path, seconds, *, codec="libx264", faststart=False):
+def make_video(path, seconds, *, codec="libx264", faststart=False, title=None):
   """A 64x48 video whose left half's grey level is (n % 10) * 25 and right half's is
   (n // 10) * 12 for frame n: any decoded frame tells which source frame it is."""
   options = {"movflags": "faststart"} if faststart else {}
   with av.open(str(path), "w", options=options) as container:
+    if title is not None:
+      container.metadata["title"] = title
     stream = container.add_stream(
         codec, rate=FPS, options={"crf": "10"} if codec == "libx264" else {"qscale": "2"})
     stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
@@ -119,6 +121,19 @@ def test_frames_at_fps_nearest_source_frame(clip, fps):
   np.testing.assert_allclose(r.frame_times, np.array(want) / FPS, atol=1e-9)
   assert [source_frame(f) for f in r.frames] == want
   assert Image.open(io.BytesIO(r.frames[0])).size == (43, 32)
+
+
+def test_metadata_that_is_not_utf8_does_not_stop_a_video(tmp_path):
+  # Old files often carry Latin-1 titles. Written as UTF-8, then one byte made Latin-1 (same
+  # length, so the container stays valid): PyAV < 19 raises UnicodeDecodeError on it unless
+  # asked not to, PyAV 19 no longer takes that argument; either way the video converts.
+  path = tmp_path / "latin1.mkv"
+  make_video(path, 16, title="cafe latin-1")
+  raw = path.read_bytes()
+  assert raw.count(b"cafe latin-1") == 1
+  path.write_bytes(raw.replace(b"cafe latin-1", b"caf\xe9 latin-1"))
+  recs = prepare.convert_video(str(path), None, options(fps=2.0, require_transcripts=False))
+  assert len(recs) == 1 and len(recs[0].frames) == 32
 
 
 def test_windows_hold_their_frames_and_words(tmp_path):
