@@ -453,7 +453,7 @@ def test_aot_target_compiles_the_step_for_an_h100_without_one():
   env = dict(os.environ, XLA_FLAGS="")  # not the tests' 8 fake CPU devices
   out = subprocess.run(
       [sys.executable, "-m", "tvts_jax.benchmark", "--config=configs/tiny.py",
-       "--config.compute_dtype=bfloat16", "--config.model.attention=cudnn",
+       "--config.compute_dtype=bfloat16",  # model.attention: the default 'auto'
        "--aot_target=h100", "--find_max_batch", "--max_batch=64"],
       capture_output=True, text=True, cwd=repo, env=env, timeout=900, check=True)
   report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -462,4 +462,5 @@ def test_aot_target_compiles_the_step_for_an_h100_without_one():
   assert 0 < report["peak_memory_bytes"] < report["limit_bytes"]
   calls = report["hlo"]["custom_calls"]
   assert any("cublas" in k for k in calls), calls  # compiled for the GPU, not the host
+  assert report["attention"] == "cudnn"  # 'auto' on an NVIDIA target in bfloat16
   assert report["hlo"]["fused_attention"], calls  # and cuDNN attention compiled with it

@@ -56,7 +56,7 @@ def test_unknown_key_is_named(key, value, message):
     ({"init_from": "bert:/x"}, "expected 'mae:PATH' or 'tvts_torch:PATH'"),
     ({"model.video.temporal_init_std": 0.0}, "temporal_init_std must be > 0"),
     ({"model.attention": "flash"}, "model.attention='flash'; must be one of"),
-    ({"model.attention": "cudnn"}, "'cudnn' runs in bfloat16 only"),
+    ({"model.attention": "cudnn"}, "'cudnn': cuDNN attention runs in bfloat16 only"),
     ({"model.attention": "cudnn", "compute_dtype": "bfloat16", "model.text.num_heads": 8},
      "model.text has head dimension 4; cuDNN needs a multiple of 8"),
     ({"model.attention": "cudnn", "compute_dtype": "bfloat16", "model.video.width": 512,

@@ -84,6 +84,26 @@ def test_checkpoint_export_gives_the_checkpoints_features(tmp_path):
   np.testing.assert_allclose(encoder.embed(video), _cls(vg, vp, video), atol=1e-5, rtol=1e-5)
 
 
+def test_an_export_trained_with_cudnn_attention_loads_off_gpus(model_and_config, tmp_path):
+  # The attention implementation belongs to the machine, not to the weights: a GPU run's
+  # export (bfloat16, model.attention='cudnn') is read back with 'auto', XLA's attention on
+  # this CPU, and gives the same features as the model it came from.
+  model, config = model_and_config
+  gpu_config = config.copy_and_resolve_references()
+  gpu_config.update_from_flattened_dict({"compute_dtype": "bfloat16",
+                                         "model.attention": "cudnn"})
+  path = export.export_params(gpu_config, nnx.state(model), str(tmp_path / "gpu.npz"))
+  assert export.read_export(path)[0]["config"]["model"]["attention"] == "cudnn"
+  encoder = export.load_video_encoder(path, compute_dtype="float32")
+  assert encoder.config.model.attention == "auto"
+  video = _video(config)
+  vg, vp = nnx.split(model.video)
+  np.testing.assert_array_equal(encoder.embed(video), _cls(vg, vp, video))
+  loaded, _ = export.load_model(export.export_params(
+      gpu_config, nnx.state(model), str(tmp_path / "full.npz"), full=True))
+  assert loaded.video_features(video).shape == (3, 32)
+
+
 def test_full_export_loads_the_whole_model(model_and_config, tmp_path):
   model, config = model_and_config
   path = export.export_params(config, nnx.state(model), str(tmp_path / "full.npz"), full=True)

@@ -209,16 +209,33 @@ def _recording_attention(calls):
   return attention
 
 
-def test_attention_implementation_reaches_every_attention_layer(monkeypatch, batch):
-  # What a GPU run with model.attention='cudnn' traces, minus the kernel: every attention call
-  # of the three towers (scanned or not) must ask for cuDNN with bfloat16 operands, and the
-  # text tower's key padding must arrive as lengths (cuDNN's form of it).
+@pytest.mark.parametrize("on_gpu,overrides,expected", [
+    (False, {"compute_dtype": "bfloat16"}, "xla"),
+    (True, {"compute_dtype": "bfloat16"}, "cudnn"),
+    (True, {}, "xla"),  # float32: cuDNN's kernel is bfloat16 only
+    (True, {"compute_dtype": "bfloat16", "model.text.num_heads": 8}, "xla"),  # head dim 4
+    (True, {"compute_dtype": "bfloat16", "model.attention": "xla"}, "xla"),
+    (True, {"compute_dtype": "bfloat16", "model.attention": "cudnn"}, "cudnn"),
+])
+def test_auto_attention_is_cudnn_only_where_cudnn_can_run(monkeypatch, on_gpu, overrides,
+                                                          expected):
+  monkeypatch.setattr(layers, "on_cuda_gpu", lambda: on_gpu)
+  config = _config(**overrides)
+  assert layers.resolve_attention(config) == expected
+  assert tiny.get_config().model.attention == "auto"  # the default
+
+
+@pytest.mark.parametrize("attention", ["cudnn", "auto"])
+def test_attention_implementation_reaches_every_attention_layer(monkeypatch, batch, attention):
+  # What a GPU run with model.attention='cudnn' (or the default 'auto') traces, minus the
+  # kernel: every attention call of the three towers (scanned or not) must ask for cuDNN with
+  # bfloat16 operands, and the text tower's key padding must arrive as lengths (cuDNN's form).
   calls = []
   monkeypatch.setattr(layers, "on_cuda_gpu", lambda: True)
   monkeypatch.setattr(layers, "on_cpu", lambda: False)  # a GPU's bfloat16 program
   monkeypatch.setattr(jax.nn, "dot_product_attention", _recording_attention(calls))
   for scan_layers in (False, True):
-    config = _config(**{"model.attention": "cudnn", "compute_dtype": "bfloat16",
+    config = _config(**{"model.attention": attention, "compute_dtype": "bfloat16",
                         "model.scan_layers": scan_layers})
     calls.clear()
     jax.eval_shape(lambda c=config: tvts.build_model(c, 0)(

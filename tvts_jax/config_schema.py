@@ -14,7 +14,7 @@ SORT_LOSSES = ("softmax_positions", "sinkhorn")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("step", "cosine", "constant")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 NONFINITE_POLICIES = ("skip", "stop")
 # `eval.protocols` names (tvts_jax/evaluate.py implements each).
 EVAL_PROTOCOLS = ("probe", "v2v_retrieval", "sort", "t2v_retrieval")
@@ -55,9 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
       embed_dim=256,  # contrastive projection
       remat="none",
       scan_layers=False,
-      # jax.nn.dot_product_attention's implementation: 'xla' (every backend) or 'cudnn'
-      # (cuDNN's fused flash attention; NVIDIA GPUs, compute_dtype='bfloat16').
-      attention="xla",
+      # jax.nn.dot_product_attention's implementation: 'xla' (every backend), 'cudnn'
+      # (cuDNN's fused flash attention; NVIDIA GPUs, compute_dtype='bfloat16'), or 'auto':
+      # 'cudnn' where it can run (the model is built for an NVIDIA GPU, bfloat16, head
+      # dimensions cuDNN takes), else 'xla'. The parameters are the same for all three.
+      attention="auto",
       video=ml_collections.ConfigDict(dict(
           width=768, depth=12, num_heads=12, mlp_dim=3072,
           patch_size=16, tubelet=2, keep_ratio=0.25, ln_eps=1e-6,
@@ -116,6 +118,22 @@ def base_config() -> ml_collections.ConfigDict:
 
 class ConfigError(ValueError):
   """A config that cannot run."""
+
+
+def cudnn_attention_problem(config: ml_collections.ConfigDict) -> str | None:
+  """Why cuDNN's fused attention cannot run this model (whatever the device), or None."""
+  if config.compute_dtype != "bfloat16":
+    return (f"cuDNN attention runs in bfloat16 only; set compute_dtype='bfloat16' (got "
+            f"{config.compute_dtype!r})")
+  v = config.model.video
+  for tower, width in (("video", v.width), ("text", config.model.text.width),
+                       ("sorter", v.width)):
+    heads = config.model[tower].num_heads
+    head_dim = width // heads if heads > 0 else 0
+    if head_dim % 8 or not 0 < head_dim <= 128:
+      return (f"model.{tower} has head dimension {head_dim}; cuDNN needs a multiple of 8, "
+              "at most 128")
+  return None
 
 
 def _check_keys(config, reference, prefix=""):
@@ -178,16 +196,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if v.width % config.model.sorter.num_heads:
     raise ConfigError(f"model.sorter.num_heads={config.model.sorter.num_heads} does not "
                       f"divide the sorter width (model.video.width={v.width})")
-  if config.model.attention == "cudnn":
-    if config.compute_dtype != "bfloat16":
-      raise ConfigError("model.attention='cudnn' runs in bfloat16 only; set "
-                        f"compute_dtype='bfloat16' (got {config.compute_dtype!r})")
-    for tower, width in (("video", v.width), ("text", config.model.text.width),
-                         ("sorter", v.width)):
-      head_dim = width // config.model[tower].num_heads
-      if head_dim % 8 or head_dim > 128:
-        raise ConfigError(f"model.attention='cudnn': model.{tower} has head dimension "
-                          f"{head_dim}; cuDNN needs a multiple of 8, at most 128")
+  if config.model.attention == "cudnn" and (problem := cudnn_attention_problem(config)):
+    raise ConfigError(f"model.attention='cudnn': {problem}")  # 'auto' falls back to 'xla'
   if d.text_len < 2:
     raise ConfigError(f"data.text_len={d.text_len} must be at least 2")
   if not d.clip_seconds or min(d.clip_seconds) <= 0:

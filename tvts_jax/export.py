@@ -299,7 +299,10 @@ def _merge_config(config: ml_collections.ConfigDict, values: Mapping[str, Any],
 
 def config_from_metadata(meta: Mapping[str, Any],
                          compute_dtype: str | None = None) -> ml_collections.ConfigDict:
-  """The model config of an export, for inference: list layout, no remat.
+  """The model config of an export, for inference: list layout, no remat, attention 'auto'.
+
+  The attention implementation belongs to the machine, not to the weights: an encoder trained
+  with 'cudnn' on a GPU loads on a CPU too.
 
   Args:
     meta: metadata from `read_export`.
@@ -312,6 +315,7 @@ def config_from_metadata(meta: Mapping[str, Any],
   _merge_config(config, meta["config"])
   config.model.scan_layers = False
   config.model.remat = "none"
+  config.model.attention = "auto"
   if compute_dtype is not None:
     config.compute_dtype = compute_dtype
   return config_schema.validate(config)

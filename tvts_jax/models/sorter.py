@@ -45,7 +45,7 @@ class Sorter(nnx.Module):
     self.blocks = layers.BlockStack(
         s.depth, width, s.num_heads, s.mlp_dim, ln_eps=s.ln_eps, dtype=config.compute_dtype,
         scan_layers=config.model.scan_layers, remat=config.model.remat,
-        attention=config.model.attention, rngs=rngs)
+        attention=layers.resolve_attention(config), rngs=rngs)
     self.norm = layers.layer_norm(width, s.ln_eps, jnp.float32, rngs)
     self.head = layers.linear(width, self.num_clips, jnp.float32, rngs)
 

@@ -43,7 +43,7 @@ class TextTower(nnx.Module):
     self.blocks = layers.BlockStack(
         t.depth, t.width, t.num_heads, t.mlp_dim, ln_eps=t.ln_eps, dtype=config.compute_dtype,
         scan_layers=config.model.scan_layers, remat=config.model.remat,
-        attention=config.model.attention, rngs=rngs)
+        attention=layers.resolve_attention(config), rngs=rngs)
     self.norm = layers.layer_norm(t.width, t.ln_eps, jnp.float32, rngs)
 
   def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:

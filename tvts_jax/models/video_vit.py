@@ -158,7 +158,7 @@ class VideoViT(nnx.Module):
     self.blocks = layers.BlockStack(
         v.depth, v.width, v.num_heads, v.mlp_dim, ln_eps=v.ln_eps, dtype=config.compute_dtype,
         scan_layers=config.model.scan_layers, remat=config.model.remat,
-        attention=config.model.attention, rngs=rngs)
+        attention=layers.resolve_attention(config), rngs=rngs)
     self.norm = layers.layer_norm(v.width, v.ln_eps, jnp.float32, rngs)
 
   def num_tokens(self, keep: bool) -> int:
