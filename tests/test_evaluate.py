@@ -235,6 +235,12 @@ def test_eval_refuses_a_workdir_trained_with_another_model(trained_workdir):
   config = _eval_config()
   config.model.remat = "full"  # changes no parameter: accepted
   evaluate.check_workdir_config(config, workdir)
+  # Nor does the attention kernel: trained with 'cudnn' on a GPU (or with 'xla', the default
+  # before 'auto'), evaluated with 'auto' here.
+  for trained_with in ("cudnn", "xla"):
+    saved = json.loads(_eval_config().to_json_best_effort())
+    saved["model"]["attention"] = trained_with
+    evaluate.check_same_model(_eval_config(), saved, "GPU run")
   # A config.json written before a key existed: the key counts as its default.
   saved = json.loads(_eval_config().to_json_best_effort())
   del saved["model"]["video"]["ln_eps"]

@@ -63,7 +63,9 @@ RESULTS_FILE = "eval_results.json"
 # to the evaluation and the config the workdir (or export) was trained with.
 _DATA_SHAPE_KEYS = ("data.num_frames", "data.image_size", "data.num_clips", "data.text_len")
 _PARAM_KEYS = ("model",) + _DATA_SHAPE_KEYS
-_IGNORED_KEYS = ("model.remat",)  # changes no parameter
+# Change no parameter: how blocks are recomputed, which attention kernel runs (a run trained
+# with 'cudnn' on a GPU, or before 'auto' was the default, evaluates with 'auto' or 'xla').
+_IGNORED_KEYS = ("model.remat", "model.attention")
 
 
 # ---------------------------------------------------------------------------------------------
