@@ -91,8 +91,9 @@ def check_attention_backend(attention: str) -> None:
   if attention == "cudnn" and not on_cuda_gpu():
     raise config_schema.ConfigError(
         f"model.attention='cudnn' needs an NVIDIA GPU, but the backend is "
-        f"{jax.default_backend()!r}; use model.attention='xla' here (the parameters are the "
-        "same, so a checkpoint trained with either loads with either)")
+        f"{jax.default_backend()!r}; use model.attention='auto' (the default: cuDNN on NVIDIA "
+        "GPUs, XLA elsewhere) or 'xla' here (the parameters are the same, so a checkpoint "
+        "trained with one loads with any)")
 
 
 # What `Attention` and `BlockStack` take: `model.attention` after `resolve_attention`.
