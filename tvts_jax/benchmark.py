@@ -477,8 +477,8 @@ def find_max_batch(trainer, config, text_len: int | None = None, *,
     if batch not in tried:
       try:
         result = compile_step(trainer, config, batch, text_len)
-        seconds = result[2]
-        mem = memory_analysis(result[0])
+        executable, _, seconds, _ = result
+        mem = memory_analysis(executable)
         estimate = None if mem is None else mem["estimate"]
         ok = estimate is not None and estimate <= fraction * limit_bytes
         if ok and compiled is not None and batch > max(compiled, default=0):
@@ -886,14 +886,16 @@ def _aot_main(FLAGS) -> None:  # pylint: disable=invalid-name
   report: dict[str, Any] = dict(aot_target=target, device=f"{aot.TARGETS[target][0]} x"
                                 f"{FLAGS.aot_devices}", limit_bytes=limit,
                                 **_run_settings(config, text_len))
-  batch_size = config.batch_size
+  batch_size, kept = config.batch_size, {}
   if FLAGS.find_max_batch:
     search = find_max_batch(trainer, config, text_len, limit_bytes=limit,
                             fraction=FLAGS.memory_fraction, max_batch=FLAGS.max_batch,
-                            multiple=FLAGS.batch_multiple)
+                            multiple=FLAGS.batch_multiple, compiled=kept)
     report.update(max_batch=search["max_batch"], max_batch_search=search)
     batch_size = search["max_batch"] or batch_size
-  compiled, _, compile_s, _ = compile_step(trainer, config, batch_size, text_len)
+  # The search compiled the step at the batch it found: reuse it rather than compile again.
+  compiled, _, compile_s, _ = (kept.get(batch_size)
+                               or compile_step(trainer, config, batch_size, text_len))
   mem = memory_analysis(compiled)
   report.update(batch_size=batch_size, compile_time_s=compile_s, memory=mem,
                 peak_memory_bytes=None if mem is None else mem["estimate"],
