@@ -16,7 +16,7 @@ from flax import nnx
 
 from configs import tiny
 from tvts_jax import aot, benchmark, sharding, train
-from tvts_jax.models import layers
+from tvts_jax.models import layers, matmul, platform
 
 # Compile time dominates these tests on CPU; LLVM's optimisations do not change the results.
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -266,7 +266,7 @@ def _bf16_step_stats():
 
 def test_bf16_config_runs_matmuls_in_bf16_and_softmax_in_f32(monkeypatch):
   # The program a GPU / TPU gets (lowered here without compiling it): bf16 activations.
-  monkeypatch.setattr(layers, "on_cpu", lambda: False)
+  monkeypatch.setattr(platform, "on_cpu", lambda: False)
   stats = _bf16_step_stats()
   bf16 = sum(n for k, n in stats["dots"].items() if k.startswith("bf16,bf16"))
   # Every block matmul (forward and backward) is bf16; f32 ones are the small heads and losses.
@@ -293,7 +293,7 @@ def _one_device_mesh(config):
 def test_cpu_bf16_matmuls_stay_bf16_when_compiled():
   # XLA:CPU converts a bf16 matmul it has no kernel for (one contracting the leading
   # dimension, as a plain weight gradient x^T g does) to f32 x f32: the compiled step must keep
-  # every bf16 matmul of the lowered one (layers._cpu_weight_grad), at twice the f32 rate.
+  # every bf16 matmul of the lowered one (matmul._cpu_weight_grad), at twice the f32 rate.
   config = tiny.get_config()
   config.compute_dtype = "bfloat16"
   trainer = train.Trainer(config, _one_device_mesh(config))
@@ -322,7 +322,7 @@ def test_cpu_weight_gradient_is_x_transposed_times_g():
   for k, n in ((16, 24), (24, 16)):  # x^T copied, or g^T copied and the product transposed
     x = jnp.asarray(rng.randn(40, k), jnp.bfloat16)
     g = jnp.asarray(rng.randn(40, n), jnp.bfloat16)
-    got = jax.jit(layers._cpu_weight_grad)(x, g)  # pylint: disable=protected-access
+    got = jax.jit(matmul._cpu_weight_grad)(x, g)  # pylint: disable=protected-access
     assert got.shape == (k, n) and got.dtype == jnp.float32
     want = np.asarray(x, np.float32).T @ np.asarray(g, np.float32)  # the same bf16 inputs
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
@@ -338,7 +338,7 @@ def test_cpu_bf16_dense_values_and_gradients():
   def loss(fn, x, w, b):
     return jnp.sum(fn(x, w, b) * g)
 
-  ours = lambda x, w, b: layers.dense(x, w, b, jnp.bfloat16)
+  ours = lambda x, w, b: matmul.dense(x, w, b, jnp.bfloat16)
   exact = lambda x, w, b: x @ w + b
   assert ours(x, w, b).dtype == jnp.float32  # the activation dtype on CPU
   np.testing.assert_allclose(ours(x, w, b), exact(x, w, b), rtol=2e-2, atol=3e-2)
@@ -350,7 +350,7 @@ def test_cpu_bf16_dense_values_and_gradients():
     assert a.dtype == jnp.float32 and a.shape == e.shape, name
     np.testing.assert_allclose(a, e, rtol=3e-2, atol=5e-2, err_msg=name)
   np.testing.assert_allclose(got[2], want[2], rtol=1e-6, atol=1e-6)  # bias: exact f32 sum
-  no_bias = jax.grad(lambda x, w: jnp.sum(layers.dense(x, w, None, jnp.bfloat16) * g),
+  no_bias = jax.grad(lambda x, w: jnp.sum(matmul.dense(x, w, None, jnp.bfloat16) * g),
                      argnums=(0, 1))(x, w)
   for a, e in zip(no_bias, want[:2]):
     np.testing.assert_allclose(a, e, rtol=3e-2, atol=5e-2)
@@ -377,7 +377,7 @@ def test_cpu_f32_dense_equals_autodiff():
   x, g = jnp.asarray(rng.randn(3, 5, 16), jnp.float32), jnp.asarray(rng.randn(3, 5, 24))
   w, b = jnp.asarray(rng.randn(16, 24) / 4, jnp.float32), jnp.asarray(rng.randn(24), jnp.float32)
   loss = lambda fn, x, w, b: jnp.sum(fn(x, w, b) * g)
-  ours = functools.partial(loss, lambda x, w, b: layers.dense(x, w, b, jnp.float32))
+  ours = functools.partial(loss, lambda x, w, b: matmul.dense(x, w, b, jnp.float32))
   exact = functools.partial(loss, lambda x, w, b: x @ w + b)
   np.testing.assert_allclose(ours(x, w, b), exact(x, w, b), rtol=1e-6)
   for a, e in zip(jax.grad(ours, argnums=(0, 1, 2))(x, w, b),
@@ -416,15 +416,15 @@ _HAS_CUDA_PLUGIN = aot.cuda_plugin_installed()
 
 def test_target_platform_override_decides_the_program():
   try:
-    layers.set_target_platform("cuda")
-    assert not layers.on_cpu() and layers.on_cuda_gpu()
-    layers.set_target_platform("cpu")
-    assert layers.on_cpu() and not layers.on_cuda_gpu()
+    platform.set_target_platform("cuda")
+    assert not platform.on_cpu() and platform.on_cuda_gpu()
+    platform.set_target_platform("cpu")
+    assert platform.on_cpu() and not platform.on_cuda_gpu()
   finally:
-    layers.set_target_platform(None)
-  assert layers.on_cpu() == (jax.default_backend() == "cpu")
+    platform.set_target_platform(None)
+  assert platform.on_cpu() == (jax.default_backend() == "cpu")
   with pytest.raises(ValueError, match="'tpu'"):
-    layers.set_target_platform("tpu")
+    platform.set_target_platform("tpu")
 
 
 def test_aot_targets_and_memory_limit(monkeypatch):
@@ -443,7 +443,7 @@ def test_aot_targets_and_memory_limit(monkeypatch):
 def test_aot_without_the_cuda_plugin_says_what_to_install():
   with pytest.raises(RuntimeError, match="pip install jax-cuda12-plugin"):
     aot.AotTrainer(tiny.get_config(), "h100")
-  assert layers.on_cpu() == (jax.default_backend() == "cpu")  # nothing was switched
+  assert platform.on_cpu() == (jax.default_backend() == "cpu")  # nothing was switched
 
 
 @pytest.mark.skipif(not _HAS_CUDA_PLUGIN, reason="needs jax's CUDA plugin (no GPU needed)")

@@ -15,7 +15,7 @@ from flax import nnx
 
 from configs import tiny
 from tvts_jax import aot, config_schema, losses
-from tvts_jax.models import layers, tvts, video_vit
+from tvts_jax.models import layers, platform, tvts, video_vit
 
 B = 3
 # These tests are bound by XLA:CPU compile time; skipping LLVM's optimisations halves it
@@ -219,9 +219,9 @@ def _recording_attention(calls):
 ])
 def test_auto_attention_is_cudnn_only_where_cudnn_can_run(monkeypatch, on_gpu, overrides,
                                                           expected):
-  monkeypatch.setattr(layers, "on_cuda_gpu", lambda: on_gpu)
+  monkeypatch.setattr(platform, "on_cuda_gpu", lambda: on_gpu)
   config = _config(**overrides)
-  assert layers.resolve_attention(config) == expected
+  assert platform.resolve_attention(config) == expected
   assert tiny.get_config().model.attention == "auto"  # the default
 
 
@@ -231,8 +231,8 @@ def test_attention_implementation_reaches_every_attention_layer(monkeypatch, bat
   # kernel: every attention call of the three towers (scanned or not) must ask for cuDNN with
   # bfloat16 operands, and the text tower's key padding must arrive as lengths (cuDNN's form).
   calls = []
-  monkeypatch.setattr(layers, "on_cuda_gpu", lambda: True)
-  monkeypatch.setattr(layers, "on_cpu", lambda: False)  # a GPU's bfloat16 program
+  monkeypatch.setattr(platform, "on_cuda_gpu", lambda: True)
+  monkeypatch.setattr(platform, "on_cpu", lambda: False)  # a GPU's bfloat16 program
   monkeypatch.setattr(jax.nn, "dot_product_attention", _recording_attention(calls))
   for scan_layers in (False, True):
     config = _config(**{"model.attention": attention, "compute_dtype": "bfloat16",
@@ -336,8 +336,8 @@ def test_cudnn_training_step_lowers_for_cuda(monkeypatch):
   if not aot.cuda_plugin_installed():
     pytest.skip("needs jax's CUDA plugin (jax-cuda12-plugin or jax-cuda13-plugin)")
   from tvts_jax import benchmark, train  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(layers, "on_cuda_gpu", lambda: True)
-  monkeypatch.setattr(layers, "on_cpu", lambda: False)
+  monkeypatch.setattr(platform, "on_cuda_gpu", lambda: True)
+  monkeypatch.setattr(platform, "on_cpu", lambda: False)
   config = _config(**{"model.attention": "cudnn", "compute_dtype": "bfloat16"})
   graphdef, params = train.abstract_model(config)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)

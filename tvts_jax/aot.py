@@ -22,7 +22,7 @@ import os
 import jax
 
 from tvts_jax import optim, sharding, train
-from tvts_jax.models import layers
+from tvts_jax.models import platform
 
 _GPU_INFO = """
 gpu_device_info {{
@@ -84,7 +84,7 @@ class AotTrainer:
   """What `benchmark.compile_step` / `find_max_batch` use of a `train.Trainer`, for a target
   GPU: the (data, fsdp) mesh over `num_devices` such cards, abstract sharded state and the
   jitted step. No state is created (the devices do not exist). Creating one switches the
-  process to building the model for CUDA (`layers.set_target_platform`): a process that
+  process to building the model for CUDA (`platform.set_target_platform`): a process that
   compiles for a target GPU does nothing else."""
 
   def __init__(self, config, target: str, num_devices: int = 1):
@@ -99,7 +99,7 @@ class AotTrainer:
           f"jax-cuda12-plugin=={jax.__version__} nvidia-cudnn-cu12, or the cuda13 pair) and "
           "aot.configure_environment() before JAX starts: " + str(e)) from e
     # Build and trace the model as for that GPU (bf16 activations, cuDNN attention allowed).
-    layers.set_target_platform("cuda")
+    platform.set_target_platform("cuda")
     self.config = config
     self.mesh = sharding.make_mesh(config.mesh, devices=topology.devices)
     self.tx = optim.make_optimizer(config)

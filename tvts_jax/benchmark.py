@@ -47,7 +47,7 @@ import ml_collections
 import numpy as np
 
 from tvts_jax import config_schema, sharding
-from tvts_jax.models import layers
+from tvts_jax.models import platform
 
 # Dense (no sparsity) bf16 peak FLOP/s of one chip, from the vendors' spec sheets, keyed by a
 # lower-case substring of `jax.Device.device_kind`. The first match wins, so the more specific
@@ -533,7 +533,7 @@ def _run_settings(config, text_len: int | None) -> dict[str, Any]:
       "compute_dtype": config.compute_dtype,
       "remat": config.model.remat,
       "scan_layers": bool(config.model.scan_layers),
-      "attention": layers.resolve_attention(config),  # 'auto' as resolved on this platform
+      "attention": platform.resolve_attention(config),  # 'auto' as resolved on this platform
   }
 
 

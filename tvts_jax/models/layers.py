@@ -13,19 +13,19 @@ the exporter can then use one layout whatever the training config was).
 
 Mixed precision: parameters are stored in `param_dtype` (float32); matmul operands are cast to
 the compute `dtype` (float32 or bfloat16) and the residual stream runs in
-`activation_dtype(dtype)`: the compute dtype, except float32 for bfloat16 on CPU (see there).
+`platform.activation_dtype(dtype)`: the compute dtype, except float32 for bfloat16 on CPU
+(see there). Every Linear multiplies through `matmul.dense`.
 LayerNorm statistics are computed in float32 by flax whatever `dtype` is, and
 `jax.nn.dot_product_attention` does its softmax in float32.
 
 Attention runs through `jax.nn.dot_product_attention` with the `implementation` chosen by the
-config (`model.attention`, resolved by `resolve_attention`): 'xla' (every backend) or 'cudnn'
-(cuDNN's fused flash-attention kernel, NVIDIA GPUs in bfloat16; `check_attention_backend` says
-so before anything compiles); 'auto' (the default) is 'cudnn' where it can run, else 'xla'.
+config (`model.attention`, resolved by `platform.resolve_attention`): 'xla' (every backend) or
+'cudnn' (cuDNN's fused flash-attention kernel, NVIDIA GPUs in bfloat16;
+`platform.check_attention_backend` says so before anything compiles); 'auto' (the default) is 'cudnn' where it can run, else 'xla'.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tvts_jax import config_schema
+from tvts_jax.models import platform
+from tvts_jax.models.matmul import dense
 
 # Per-block rematerialisation policies, by config name (`model.remat`). 'none' is no
 # jax.checkpoint at all; 'full' saves nothing but the block's inputs.
@@ -49,163 +50,9 @@ REMAT_POLICIES = {
 _xavier = jax.nn.initializers.xavier_uniform()
 
 
-# The platform the model is built for when it is not the default backend's: set by
-# `set_target_platform` for ahead-of-time compiles for other hardware (tvts_jax/aot.py).
-_target_platform: str | None = None
-
-
-def set_target_platform(platform: str | None) -> None:
-  """Builds the model for `platform` ('cpu' or 'cuda'; None: the default backend) from now on.
-
-  For compiling for hardware this process does not drive (tvts_jax/aot.py): the CPU-only and
-  GPU-only choices below then follow the target, not the host.
-  """
-  global _target_platform
-  if platform not in (None, "cpu", "cuda"):
-    raise ValueError(f"target platform {platform!r}; must be None, 'cpu' or 'cuda'")
-  _target_platform = platform
-
-
-def on_cpu() -> bool:
-  """Whether the model is being built for XLA:CPU (the CPU-only choices below key on it)."""
-  if _target_platform is not None:
-    return _target_platform == "cpu"
-  return jax.default_backend() == "cpu"
-
-
-def on_cuda_gpu() -> bool:
-  """Whether the model is being built for an NVIDIA GPU (where cuDNN attention exists)."""
-  if _target_platform is not None:
-    return _target_platform == "cuda"
-  if jax.default_backend() != "gpu":
-    return False
-  return "cuda" in getattr(jax.devices()[0].client, "platform_version", "").lower()
-
-
-def check_attention_backend(attention: str) -> None:
-  """Raises ConfigError if `attention` cannot run on the platform the model is built for.
-
-  'cudnn' needs an NVIDIA GPU; failing here names the config key instead of failing inside
-  the compiler with a cuDNN message.
-  """
-  if attention == "cudnn" and not on_cuda_gpu():
-    raise config_schema.ConfigError(
-        f"model.attention='cudnn' needs an NVIDIA GPU, but the backend is "
-        f"{jax.default_backend()!r}; use model.attention='auto' (the default: cuDNN on NVIDIA "
-        "GPUs, XLA elsewhere) or 'xla' here (the parameters are the same, so a checkpoint "
-        "trained with one loads with any)")
-
-
-# What `Attention` and `BlockStack` take: `model.attention` after `resolve_attention`.
-ATTENTION_KERNELS = ("xla", "cudnn")
-
-
-def resolve_attention(config: Any) -> str:
-  """The attention implementation a model of `config` is built with, 'xla' or 'cudnn'.
-
-  `model.attention` as set, except 'auto': 'cudnn' when the model is built for an NVIDIA GPU
-  and cuDNN can run it (`config_schema.cudnn_attention_problem`: bfloat16, head dimensions a
-  multiple of 8 up to 128), else 'xla'. So a config or an export moves between a GPU and a CPU
-  without edits, and a GPU run gets the fused kernel (on an H200 at the paper's batch: 1.37x
-  the step rate of 'xla', 2/3 of its memory; README, Benchmark).
-  """
-  attention = config.model.attention
-  if attention != "auto":
-    return attention
-  if on_cuda_gpu() and config_schema.cudnn_attention_problem(config) is None:
-    return "cudnn"
-  return "xla"
-
-
-def activation_dtype(compute_dtype: Any) -> jnp.dtype:
-  """The dtype of the residual stream and the elementwise work for a compute dtype.
-
-  The compute dtype itself, except bfloat16 on XLA:CPU: there bfloat16 elementwise arithmetic
-  is emulated (converted op by op, and bfloat16 reductions run as pairwise reduce-windows),
-  slower than float32. So on CPU activations stay float32 and only the matmul operands are
-  bfloat16 (`dense`), which is what a TPU does with float32 matmuls at default precision.
-  """
-  dtype = jnp.dtype(compute_dtype)
-  if dtype == jnp.bfloat16 and on_cpu():
-    return jnp.dtype(jnp.float32)
-  return dtype
-
-
-def _f32_dot(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [..., K] @ w [K, N] in the operands' dtype, accumulated and returned in float32."""
-  return jnp.matmul(x, w, preferred_element_type=jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _cpu_dense(x: jax.Array, w: jax.Array, b: jax.Array | None,
-               operands: Any) -> jax.Array:
-  return _cpu_dense_fwd(x, w, b, operands)[0]
-
-
-def _cpu_dense_fwd(x, w, b, operands):
-  xo, wo = x.astype(operands), w.astype(operands)
-  y = _f32_dot(xo, wo)
-  return (y if b is None else y + b), (xo, wo, b)
-
-
-def _cpu_dense_bwd(operands, residuals, g):
-  xo, wo, b = residuals
-  g2 = g.reshape(-1, g.shape[-1])
-  db = None if b is None else jnp.sum(g2, axis=0)
-  go = g.astype(operands)
-  dx = _f32_dot(go, wo.T)
-  dw = _cpu_weight_grad(xo.reshape(-1, xo.shape[-1]), go.reshape(-1, go.shape[-1]))
-  return dx, dw, db
-
-
-def _cpu_weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
-  """x [M, K]^T @ g [M, N] -> [K, N] float32, from bfloat16 or float32 operands, on XLA:CPU.
-
-  A matmul that contracts the leading (token) dimension of both operands, as every weight
-  gradient does, is one XLA:CPU's fast kernels (YNNPACK) do not take: in bfloat16 it converts
-  both operands to float32 and runs at the float32 rate, plus two conversion passes; in
-  float32 it runs in Eigen, slower than YNNPACK's row-major matmul. A transposed x^T would be
-  folded back into the matmul's dimension numbers (or laid out column-major, the same thing),
-  so x^T is written out padded with one zero row, which the compiler materialises as a
-  row-major [K+1, M] copy; the product's extra row is dropped.
-  When N < K the smaller g^T is copied instead and the [N, K] product transposed. On the
-  small config: the bf16 step 137 -> 120 ms, the fp32 step 120 -> 109 ms (README, Benchmark).
-  """
-  pad = lambda a: jax.lax.pad(a.T, jnp.zeros((), a.dtype), [(0, 1, 0), (0, 0, 0)])
-  if g.shape[1] < x.shape[1]:
-    return _f32_dot(pad(g), x)[:-1].T
-  return _f32_dot(pad(x), g)[:-1]
-
-
-_cpu_dense.defvjp(_cpu_dense_fwd, _cpu_dense_bwd)
-
-
-def dense(x: jax.Array, w: jax.Array, b: jax.Array | None, dtype: Any) -> jax.Array:
-  """x [..., K] @ w [K, N] + b [N] with `dtype` matmul operands: every Linear of the model.
-
-  Returns:
-    [..., N] in `activation_dtype(dtype)`.
-
-  Everywhere but on CPU this is `x.astype(dtype) @ w.astype(dtype) + b.astype(dtype)`, as in
-  nnx.Linear. XLA:CPU runs a bfloat16 x bfloat16 matmul natively (AVX512-BF16 / AMX, about
-  twice its float32 rate) only when it accumulates into and returns float32 (one returning
-  bfloat16 it rewrites to float32 x float32), so there, for bfloat16, the three matmuls of
-  the forward and backward pass take bfloat16 operands (the cotangent rounded once) and
-  return float32, the bias is added and its gradient summed in float32, and the bfloat16
-  copies of x and w are what the backward pass keeps. On CPU, in both dtypes, the weight
-  gradient is computed as `_cpu_weight_grad` lays it out for XLA:CPU's fast matmul.
-  """
-  dtype = jnp.dtype(dtype)
-  if dtype in (jnp.bfloat16, jnp.float32) and on_cpu() and w.ndim == 2:
-    return _cpu_dense(x.astype(jnp.float32), w.astype(jnp.float32),
-                      None if b is None else b.astype(jnp.float32), dtype)
-  y = x.astype(dtype) @ w.astype(dtype)
-  return y if b is None else y + b.astype(dtype)
-
-
 class Linear(nnx.Linear):
   """nnx.Linear (same parameters, names and init) computing through `dense`: the matmul
-  operands in `dtype`, the result in `activation_dtype(dtype)`. nnx.Linear's `precision`,
+  operands in `dtype`, the result in `platform.activation_dtype(dtype)`. nnx.Linear's `precision`,
   `dot_general`, `preferred_element_type` and `promote_dtype` hooks are not used."""
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -224,7 +71,7 @@ def layer_norm(width: int, eps: float, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerN
   The two-pass variance (`use_fast_variance=False`) matches PyTorch's LayerNorm, which keeps
   converted reference checkpoints numerically close.
   """
-  return nnx.LayerNorm(width, epsilon=eps, dtype=activation_dtype(dtype),
+  return nnx.LayerNorm(width, epsilon=eps, dtype=platform.activation_dtype(dtype),
                       param_dtype=jnp.float32,
                        use_fast_variance=False, rngs=rngs)
 
@@ -248,8 +95,8 @@ class Attention(nnx.Module):
                attention: str = "xla"):
     if width % num_heads:
       raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
-    if attention not in ATTENTION_KERNELS:
-      raise ValueError(f"attention={attention!r}; must be one of {ATTENTION_KERNELS} "
+    if attention not in platform.ATTENTION_KERNELS:
+      raise ValueError(f"attention={attention!r}; must be one of {platform.ATTENTION_KERNELS} "
                        "('auto' is resolved by resolve_attention)")
     self.num_heads = num_heads
     self.attention = attention
@@ -376,7 +223,7 @@ def grad_fusion_barrier(x: jax.Array) -> jax.Array:
   paper config). Storing it once per block is what GPUs and TPUs do anyway, and a
   conditional there would cost a device-host round trip, so only CPU gets the barrier.
   """
-  if not on_cpu():
+  if not platform.on_cpu():
     return x
   return _grad_fusion_barrier(x)
 
@@ -394,10 +241,10 @@ class Block(nnx.Module):
       mlp_dim: hidden width of the MLP.
       ln_eps: LayerNorm epsilon.
       dtype: compute dtype of the matmuls; the residual stream is in activation_dtype(dtype).
-      attention: the attention implementation, one of `ATTENTION_KERNELS`.
+      attention: the attention implementation, one of `platform.ATTENTION_KERNELS`.
       rngs: parameter initialisation.
     """
-    self.dtype = activation_dtype(dtype)
+    self.dtype = platform.activation_dtype(dtype)
     self.norm1 = layer_norm(width, ln_eps, dtype, rngs)
     self.attn = Attention(width, num_heads, dtype=dtype, attention=attention, rngs=rngs)
     self.norm2 = layer_norm(width, ln_eps, dtype, rngs)
@@ -444,7 +291,7 @@ class BlockStack(nnx.Module):
       dtype: compute dtype.
       scan_layers: store stacked parameters and run them with `jax.lax.scan`.
       remat: a key of `REMAT_POLICIES`; each block is rematerialised under that policy.
-      attention: the attention implementation, one of `ATTENTION_KERNELS`.
+      attention: the attention implementation, one of `platform.ATTENTION_KERNELS`.
       rngs: parameter initialisation.
     """
     if depth < 1:

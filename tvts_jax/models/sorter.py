@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tvts_jax.models import layers
+from tvts_jax.models import layers, platform
 
 
 class Sorter(nnx.Module):
@@ -36,7 +36,7 @@ class Sorter(nnx.Module):
     """
     s = config.model.sorter
     width, text_width = config.model.video.width, config.model.text.width
-    self.dtype = layers.activation_dtype(config.compute_dtype)
+    self.dtype = platform.activation_dtype(config.compute_dtype)
     self.width = width
     self.num_clips = config.data.num_clips
     self.text_proj = (layers.linear(text_width, width, config.compute_dtype, rngs)
@@ -45,7 +45,7 @@ class Sorter(nnx.Module):
     self.blocks = layers.BlockStack(
         s.depth, width, s.num_heads, s.mlp_dim, ln_eps=s.ln_eps, dtype=config.compute_dtype,
         scan_layers=config.model.scan_layers, remat=config.model.remat,
-        attention=layers.resolve_attention(config), rngs=rngs)
+        attention=platform.resolve_attention(config), rngs=rngs)
     self.norm = layers.layer_norm(width, s.ln_eps, jnp.float32, rngs)
     self.head = layers.linear(width, self.num_clips, jnp.float32, rngs)
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tvts_jax.models import layers
+from tvts_jax.models import layers, platform
 
 
 class TextTower(nnx.Module):
@@ -32,7 +32,7 @@ class TextTower(nnx.Module):
       rngs: parameter initialisation.
     """
     t = config.model.text
-    self.dtype = layers.activation_dtype(config.compute_dtype)
+    self.dtype = platform.activation_dtype(config.compute_dtype)
     self.width = t.width
     self.vocab_size = t.vocab_size
     self.max_len = config.data.text_len
@@ -43,7 +43,7 @@ class TextTower(nnx.Module):
     self.blocks = layers.BlockStack(
         t.depth, t.width, t.num_heads, t.mlp_dim, ln_eps=t.ln_eps, dtype=config.compute_dtype,
         scan_layers=config.model.scan_layers, remat=config.model.remat,
-        attention=layers.resolve_attention(config), rngs=rngs)
+        attention=platform.resolve_attention(config), rngs=rngs)
     self.norm = layers.layer_norm(t.width, t.ln_eps, jnp.float32, rngs)
 
   def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:

@@ -50,7 +50,7 @@ import ml_collections
 from flax import nnx
 
 from tvts_jax import config_schema
-from tvts_jax.models import layers
+from tvts_jax.models import layers, platform
 from tvts_jax.models.sorter import Sorter
 from tvts_jax.models.text_tower import TextTower
 from tvts_jax.models.video_vit import VideoViT
@@ -86,7 +86,7 @@ class TVTS(nnx.Module):
     if config.model.embed_dim < 1:
       raise config_schema.ConfigError(f"model.embed_dim must be >= 1, got "
                                       f"{config.model.embed_dim}")
-    layers.check_attention_backend(config.model.attention)
+    platform.check_attention_backend(config.model.attention)
     self.num_clips = config.data.num_clips
     self.video = VideoViT(config, rngs=rngs)
     self.text = TextTower(config, rngs=rngs)

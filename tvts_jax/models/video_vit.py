@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from tvts_jax import config_schema
-from tvts_jax.models import layers
+from tvts_jax.models import layers, matmul, platform
 
 # ImageNet statistics on the 0..255 scale: the data pipeline ships uint8 frames and the
 # normalisation runs on the device (see DESIGN.md: float conversion on the host was 75% of
@@ -109,7 +109,7 @@ class TubeletEmbed(nnx.Module):
     shift = jnp.asarray(np.tile(IMAGENET_MEAN / IMAGENET_STD, reps))
     bias = self.bias[...] - jnp.dot(shift, kernel, precision=jax.lax.Precision.HIGHEST)
     kernel = kernel * inv_std[:, None]
-    return layers.dense(patches, kernel, bias, self.dtype)
+    return matmul.dense(patches, kernel, bias, self.dtype)
 
   def __call__(self, video: jax.Array) -> jax.Array:
     """Embeds every tubelet.
@@ -118,7 +118,7 @@ class TubeletEmbed(nnx.Module):
       video: [B, T, H, W, 3] frames on the 0..255 scale (uint8 or float), NOT normalised.
 
     Returns:
-      [B, T / t, (H / p) * (W / p), D] in `layers.activation_dtype(dtype)`, patches in
+      [B, T / t, (H / p) * (W / p), D] in `platform.activation_dtype(dtype)`, patches in
       raster order: the convolution of `normalize_video(video)` with the kernel, plus the bias.
     """
     return self.embed_patches(self.patchify(video))
@@ -135,7 +135,7 @@ class VideoViT(nnx.Module):
       rngs: parameter initialisation.
     """
     v, d = config.model.video, config.data
-    self.dtype = layers.activation_dtype(config.compute_dtype)
+    self.dtype = platform.activation_dtype(config.compute_dtype)
     self.width = v.width
     self.num_frames = d.num_frames
     self.image_size = d.image_size
@@ -158,7 +158,7 @@ class VideoViT(nnx.Module):
     self.blocks = layers.BlockStack(
         v.depth, v.width, v.num_heads, v.mlp_dim, ln_eps=v.ln_eps, dtype=config.compute_dtype,
         scan_layers=config.model.scan_layers, remat=config.model.remat,
-        attention=layers.resolve_attention(config), rngs=rngs)
+        attention=platform.resolve_attention(config), rngs=rngs)
     self.norm = layers.layer_norm(v.width, v.ln_eps, jnp.float32, rngs)
 
   def num_tokens(self, keep: bool) -> int:
@@ -179,7 +179,7 @@ class VideoViT(nnx.Module):
       keep_rng: PRNG key for token keeping; None keeps every patch (evaluation).
 
     Returns:
-      [B, 1 + num_tubes * kept, D] in the activation dtype (`layers.activation_dtype`).
+      [B, 1 + num_tubes * kept, D] in the activation dtype (`platform.activation_dtype`).
     """
     self._check_video(video)
     b = video.shape[0]
