@@ -11,19 +11,35 @@ The same command runs on CPU, one GPU, a GPU cluster or a TPU pod: only `config.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _check_replaced_keys(argv):
+  """Names the config keys that were replaced by others (the config flag parses its overrides
+  as soon as it is defined, so this runs first)."""
+  from tvts_jax import config_schema  # pylint: disable=g-import-not-at-top
+  for arg in argv[1:]:
+    key = arg.split("=", 1)[0].removeprefix("--config.")
+    for old, new in config_schema.REPLACED_KEYS.items():
+      if arg.startswith("--config.") and (key == old or key.startswith(old + ".")):
+        raise SystemExit(f"FATAL Flags parsing error: {arg}: config key {old!r} was replaced "
+                         f"by {new}")
+
+
+_check_replaced_keys(sys.argv)
 config_flags.DEFINE_config_file(
     "config", os.path.join(_HERE, "configs", "demo.py"),
     "Config file; override keys with --config.KEY=VALUE.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics, config.json (local or gs://).",
                     required=True)
 flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
-                  "train; eval: the protocols of config.eval (tvts_jax/evaluate.py); export: "
-                  "the latest checkpoint to --export_path (tvts_jax/export.py).")
+                  "train; eval: the evaluations of config.evals (tvts_jax/evaluate.py); "
+                  "export: the latest checkpoint to --export_path (tvts_jax/export.py).")
 flags.DEFINE_string("export_path", None,
                     "export: the file to write (.safetensors or .npz; FILE.json beside it).")
 flags.DEFINE_bool("export_full", False,
@@ -34,6 +50,8 @@ flags.DEFINE_string("eval_params", "checkpoint",
                     "config), or an export file.")
 flags.DEFINE_bool("eval_random_init", False,
                   "eval: also evaluate a random init of the same config, the same way.")
+flags.DEFINE_list("eval_names", None,
+                  "eval: run only these evaluations of config.evals (default: all of them).")
 flags.DEFINE_bool("multihost", False,
                   "Call jax.distributed.initialize() first (TPU pods, Slurm, multi-host GPU: "
                   "the coordinator comes from the environment unless the flags below say).")
@@ -73,7 +91,7 @@ def main(argv):
   elif FLAGS.mode == "eval":
     from tvts_jax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate(FLAGS.config, FLAGS.workdir, source=FLAGS.eval_params,
-                      random_init=FLAGS.eval_random_init)
+                      random_init=FLAGS.eval_random_init, names=FLAGS.eval_names)
   elif FLAGS.mode == "export":
     if not FLAGS.export_path:
       raise app.UsageError("--mode=export needs --export_path=FILE (.safetensors or .npz)")

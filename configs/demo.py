@@ -12,7 +12,7 @@ def get_config():
   c.batch_size = 32
   c.total_steps = 2_000
   c.log_every_steps = 50
-  c.eval_every_steps = 500
+  c.evals.sort.every_steps = 500
   c.checkpoint_every_steps = 500
   c.optim.lr = 5e-4
   c.optim.schedule = "cosine"

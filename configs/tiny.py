@@ -7,7 +7,7 @@ def get_config():
   c.batch_size = 8
   c.total_steps = 10
   c.log_every_steps = 2
-  c.eval_every_steps = 5
+  c.evals.sort.every_steps = 5
   c.checkpoint_every_steps = 5
   c.optim.lr = 1e-3
   c.model.embed_dim = 16

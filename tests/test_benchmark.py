@@ -16,7 +16,7 @@ from flax import nnx
 
 from configs import tiny
 from tvts_jax import aot, benchmark, sharding, train
-from tvts_jax.models import layers, matmul, platform
+from tvts_jax.models import layers, matmul, platform, tvts
 
 # Compile time dominates these tests on CPU; LLVM's optimisations do not change the results.
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -175,7 +175,7 @@ def test_find_max_batch_doubles_then_bisects(monkeypatch):
 
 def _loss_and_grads(config, params_pure):
   """Loss and gradients (list layout) of the training loss at the given parameters."""
-  graphdef, abstract = train.abstract_model(config)
+  graphdef, abstract = tvts.abstract_model(config)
   pure = (layers.to_scanned_layout(params_pure) if config.model.scan_layers
           else layers.to_list_layout(params_pure))
   abstract.replace_by_pure_dict(pure)
@@ -196,7 +196,7 @@ def _loss_and_grads(config, params_pure):
 def test_remat_and_scan_match_the_plain_model():
   config = tiny.get_config()
   config.batch_size = 4
-  params = jit(lambda: nnx.split(train.build_model(config, 0))[1])().to_pure_dict()
+  params = jit(lambda: nnx.split(tvts.build_model(config, 0))[1])().to_pure_dict()
   params = jax.tree.map(np.asarray, params)
   ref_loss, ref_grads = _loss_and_grads(config, params)
   for scan, remat in ((False, "full"), (True, "none"), (True, "dots")):
@@ -213,7 +213,7 @@ def test_remat_and_scan_match_the_plain_model():
 
 def _grad_temp_bytes(config, batch_size):
   """XLA's temporary memory for the loss gradient of `config` (compiled, nothing run)."""
-  graphdef, params = train.abstract_model(config)
+  graphdef, params = tvts.abstract_model(config)
   batch = {k: jnp.asarray(v) for k, v in
            benchmark.synthetic_batch(config, batch_size).items()}
   grad = jax.grad(lambda p: train.model_outputs_and_loss(graphdef, p, batch, jax.random.key(0),
@@ -394,7 +394,7 @@ def test_torch_reference_model_has_our_parameter_count_and_trains():
   config = tiny.get_config()
   config.model.text.update(width=48, num_heads=2, mlp_dim=96)
   ours = sum(x.size for x in jax.tree.leaves(
-      nnx.state(nnx.eval_shape(lambda: train.build_model(config)), nnx.Param)))
+      nnx.state(nnx.eval_shape(lambda: tvts.build_model(config)), nnx.Param)))
   report = benchmark_torch.run_in_subprocess(config, text_len=6, steps=2, warmup=1)
   side = benchmark_torch.SideBySide(config, text_len=6, warmup=1)  # as --compare_torch runs it
   assert len(side.run(2)) == 2 and len(side.run(1)) == 1

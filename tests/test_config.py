@@ -102,3 +102,13 @@ def test_unknown_key_on_the_command_line_stops_main_before_any_work(tmp_path):
   assert result.returncode != 0
   assert "totl_steps" in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / "run").exists()
+
+
+def test_replaced_key_on_the_command_line_names_its_replacement(tmp_path):
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "main.py"), "--config=configs/tiny.py",
+       f"--workdir={tmp_path / 'run'}", "--config.eval_every_steps=5"],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode != 0
+  assert "'eval_every_steps' was replaced by evals.<name>.every_steps" in result.stderr
+  assert not (tmp_path / "run").exists()

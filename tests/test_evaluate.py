@@ -1,9 +1,10 @@
-"""Evaluation: the probe, retrieval metrics by hand, the TSN reader, eval mode end to end."""
+"""Evaluation: the probes, retrieval metrics by hand, the TSN reader, eval mode end to end."""
 
 import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -11,7 +12,9 @@ import tensorflow as tf
 import train_process
 from configs import tiny
 from data_pipelines import records
-from tvts_jax import config_schema, evaluate, export, input_pipeline
+from tvts_jax import config_schema, evaluate, evaluators, export, input_pipeline
+from tvts_jax import workdir as workdir_lib
+from tvts_jax.evaluators import attentive_probe, probe, retrieval
 
 # ---------------------------------------------------------------------------------------------
 # Metrics against hand-computed rankings.
@@ -25,7 +28,7 @@ def test_video_retrieval_by_hand():
   # Ranked neighbours (the query excluded): 0: 1,2,3,4 -> first hit (class 0) at 2.
   # 1: 0|2 tie (both 10 degrees; the lower index first), 3 -> class 1 first at rank 3.
   # 2: 1,0,3,4 -> hit at 2. 3: 4,2,1,0 -> hit at 1. 4: 3,2,1,0 -> hit at 1.
-  m = evaluate.video_retrieval_metrics(features, labels, ks=(1, 2, 3))
+  m = retrieval.video_retrieval_metrics(features, labels, ks=(1, 2, 3))
   assert m["R@1"] == pytest.approx(2 / 5)
   assert m["R@2"] == pytest.approx(4 / 5)
   assert m["R@3"] == pytest.approx(5 / 5)
@@ -36,7 +39,7 @@ def test_text_to_video_by_hand():
   # sim[i, j] = text_i . video_j: chosen so that the right video (the diagonal) ranks 1, 3, 2.
   video = np.eye(3)
   text = np.array([[0.9, 0.1, 0.0], [0.5, 0.2, 0.6], [0.1, 0.8, 0.3]])
-  m = evaluate.text_to_video_metrics(text, video, ks=(1, 2))
+  m = retrieval.text_to_video_metrics(text, video, ks=(1, 2))
   assert m["R@1"] == pytest.approx(1 / 3)
   assert m["R@2"] == pytest.approx(2 / 3)
   assert m["median_rank"] == 2 and m["mean_rank"] == pytest.approx(2.0)
@@ -45,9 +48,9 @@ def test_text_to_video_by_hand():
 def test_topk_accuracy():
   logits = np.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])
   labels = np.array([2, 0, 0])
-  assert evaluate.topk_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
-  assert evaluate.topk_accuracy(logits, labels, 2) == pytest.approx(2 / 3)
-  assert evaluate.topk_accuracy(logits, labels, 5) == 1.0  # capped at the 3 classes
+  assert probe.topk_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
+  assert probe.topk_accuracy(logits, labels, 2) == pytest.approx(2 / 3)
+  assert probe.topk_accuracy(logits, labels, 5) == 1.0  # capped at the 3 classes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,25 +71,25 @@ _PROBE = dict(weight_decays=(0.0, 1e-2), max_steps=200, holdout_fraction=0.25)
 def test_probe_recovers_a_planted_signal_and_is_at_chance_without_one():
   train_x, train_y = _planted(600, seed=0)
   test_x, test_y = _planted(600, seed=1)
-  out = evaluate.linear_probe(train_x, train_y, test_x, test_y, **_PROBE)
+  out = probe.linear_probe(train_x, train_y, test_x, test_y, **_PROBE)
   assert out["top1"] > 0.95 and out["top5"] == 1.0
   assert out["num_classes"] == 6 and out["num_train"] == 600
   assert out["weight_decay"] in (0.0, 1e-2) and "holdout_top1@0.01" in out
 
   shuffled = np.random.default_rng(2).permutation(train_y)
-  out = evaluate.linear_probe(train_x, shuffled, test_x, test_y, **_PROBE)
+  out = probe.linear_probe(train_x, shuffled, test_x, test_y, **_PROBE)
   assert abs(out["top1"] - 1 / 6) < 0.07, out["top1"]
 
 
 def test_classifier_converges_and_the_penalty_shrinks_it():
   x, y = _planted(400, seed=0, num_classes=3, separation=1.0)
-  fit = lambda wd: evaluate.train_linear_classifier(x, y, 3, weight_decay=wd, max_steps=300)
+  fit = lambda wd: probe.train_linear_classifier(x, y, 3, weight_decay=wd, max_steps=300)
   w, b = fit(1e-3)
   # At the optimum of CE + wd/2 |w|^2 the gradient vanishes: dCE/dw = -wd * w.
   p = np.array(jax.nn.softmax(x @ w + b))
   p[np.arange(len(y)), y] -= 1
   np.testing.assert_allclose(x.T @ p / len(y), -1e-3 * w, atol=2e-4)
-  assert evaluate.topk_accuracy(x @ w + b, y, 1) > 0.9
+  assert probe.topk_accuracy(x @ w + b, y, 1) > 0.9
   strong, _ = fit(10.0)
   assert np.linalg.norm(strong) < 0.1 * np.linalg.norm(w)
 
@@ -170,14 +173,37 @@ def test_labelled_reader_hosts_split_the_examples(labelled_records):
   np.testing.assert_array_equal(batch["label"][batch["valid"]], [3, 5])
 
 
+def test_attentive_probe_finds_a_signal_the_cls_token_lacks():
+  """The class sits in one random non-CLS token: the pooler finds it, a CLS probe cannot."""
+  rng = np.random.default_rng(0)
+  n, s, d, c = 640, 9, 16, 4
+  means = rng.normal(size=(c, d)) * 3.0
+  y = rng.integers(c, size=n)
+  x = rng.normal(size=(n, s, d)).astype(np.float32)
+  x[np.arange(n), rng.integers(1, s, size=n)] += means[y]
+  x_train, y_train, x_test, y_test = x[:480], y[:480], x[480:], y[480:]
+
+  def batches():
+    while True:
+      index = rng.choice(len(x_train), 64, replace=False)
+      yield x_train[index], y_train[index]
+
+  predict, loss = attentive_probe.fit_attentive_probe(
+      batches(), width=d, num_heads=2, num_classes=c, steps=300, lr=3e-3, weight_decay=0.0)
+  assert probe.topk_accuracy(predict(x_test), y_test, 1) > 0.9, loss
+  cls_only = probe.linear_probe(x_train[:, 0], y_train, x_test[:, 0], y_test, **_PROBE)
+  assert cls_only["top1"] < 0.45
+
+
 # ---------------------------------------------------------------------------------------------
 # Eval mode end to end on the tiny demo data.
 
 
 def _eval_config():
   config = tiny.get_config()
-  config.eval.probe_steps = 50
-  config.eval.probe_weight_decays = (0.0, 1e-3)
+  config.evals.probe.steps = 50
+  config.evals.probe.weight_decays = (0.0, 1e-3)
+  config.evals.attentive_probe.steps = 20
   return config
 
 
@@ -219,8 +245,7 @@ def test_eval_mode_checkpoint_random_init_and_export(trained_workdir, capsys):
   # The same encoder from an export file: the same retrieval; the sorter is not in it.
   path = export.export_params(config, trainer.state["params"],
                               os.path.join(workdir, "enc.safetensors"), step=7)
-  config.eval.protocols = "v2v_retrieval,sort"
-  results = evaluate.evaluate(config, workdir, source=path)
+  results = evaluate.evaluate(config, workdir, source=path, names=("v2v_retrieval", "sort"))
   exp = results["export"]
   assert exp["metrics"]["v2v_retrieval/R@1"] == pytest.approx(ckpt["v2v_retrieval/R@1"])
   assert "--export_full" in exp["skipped"]["sort"] and "sort/sort_acc" not in exp["metrics"]
@@ -231,31 +256,58 @@ def test_eval_refuses_a_workdir_trained_with_another_model(trained_workdir):
   config = _eval_config()
   config.model.video.depth = 3
   with pytest.raises(config_schema.ConfigError, match=r"model\.video\.depth: 2 there, 3 here"):
-    evaluate.check_workdir_config(config, workdir)
+    workdir_lib.check_workdir_config(config, workdir)
   config = _eval_config()
   config.model.remat = "full"  # changes no parameter: accepted
-  evaluate.check_workdir_config(config, workdir)
+  workdir_lib.check_workdir_config(config, workdir)
   # Nor does the attention kernel: trained with 'cudnn' on a GPU (or with 'xla', the default
   # before 'auto'), evaluated with 'auto' here.
   for trained_with in ("cudnn", "xla"):
     saved = json.loads(_eval_config().to_json_best_effort())
     saved["model"]["attention"] = trained_with
-    evaluate.check_same_model(_eval_config(), saved, "GPU run")
+    workdir_lib.check_same_model(_eval_config(), saved, "GPU run")
   # A config.json written before a key existed: the key counts as its default.
   saved = json.loads(_eval_config().to_json_best_effort())
   del saved["model"]["video"]["ln_eps"]
-  evaluate.check_same_model(_eval_config(), saved, "old run")
+  workdir_lib.check_same_model(_eval_config(), saved, "old run")
   config.model.video.ln_eps = 1e-5
   with pytest.raises(config_schema.ConfigError, match=r"ln_eps: 1e-06 there, 1e-05 here"):
-    evaluate.check_same_model(config, saved, "old run")
+    workdir_lib.check_same_model(config, saved, "old run")
 
 
 def test_eval_config_keys_are_validated():
   config = _eval_config()
-  config.eval.protocols = "probe,linear"
-  with pytest.raises(config_schema.ConfigError, match="linear"):
+  config.evals.probe.type = "linear"
+  with pytest.raises(config_schema.ConfigError, match="evals.probe.type='linear'"):
     config_schema.validate(config)
   config = _eval_config()
-  config.eval.probe_holdout_fraction = 1.0
+  config.evals.probe.holdout_fraction = 1.0
   with pytest.raises(config_schema.ConfigError, match="holdout"):
+    config_schema.validate(config)
+  config = _eval_config()
+  config.evals.probe.weight_decay = 0.1  # the option is weight_decays
+  with pytest.raises(config_schema.ConfigError,
+                     match=r"'evals.probe.weight_decay' \(did you mean 'weight_decays'\?\)"):
+    config_schema.validate(config)
+  config = _eval_config()
+  config.evals.sort.every_steps = -1
+  with pytest.raises(config_schema.ConfigError, match="every_steps=-1"):
+    config_schema.validate(config)
+  # A config of another name and type is one more evaluation; a bare dict is not one.
+  config = _eval_config()
+  config.evals.sort_again = evaluators.config("sort", every_steps=3, shuffled_control=False)
+  config_schema.validate(config)
+  with pytest.raises(config_schema.ConfigError, match="no option 'shuffle'"):
+    evaluators.config("sort", shuffle=True)
+  config.evals.bare = ml_collections.ConfigDict(dict(records="x"))
+  with pytest.raises(config_schema.ConfigError, match="evals.bare must be an evaluation"):
+    config_schema.validate(config)
+
+
+@pytest.mark.parametrize("old", ["eval_every_steps", "eval"])
+def test_replaced_eval_keys_say_what_replaced_them(old):
+  config = _eval_config()
+  config[old] = 100 if old == "eval_every_steps" else ml_collections.ConfigDict(
+      dict(protocols="probe"))
+  with pytest.raises(config_schema.ConfigError, match=f"{old!r} was replaced by evals"):
     config_schema.validate(config)

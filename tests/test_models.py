@@ -339,7 +339,7 @@ def test_cudnn_training_step_lowers_for_cuda(monkeypatch):
   monkeypatch.setattr(platform, "on_cuda_gpu", lambda: True)
   monkeypatch.setattr(platform, "on_cpu", lambda: False)
   config = _config(**{"model.attention": "cudnn", "compute_dtype": "bfloat16"})
-  graphdef, params = train.abstract_model(config)
+  graphdef, params = tvts.abstract_model(config)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
            for k, v in benchmark.synthetic_batch(config, B).items()}
   grad = jax.grad(lambda p, b: train.model_outputs_and_loss(graphdef, p, b, jax.random.key(0),

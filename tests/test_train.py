@@ -109,7 +109,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
   config = tiny.get_config()
   config.total_steps = 6
   config.checkpoint_every_steps = 3
-  config.eval_every_steps = 100
+  config.evals.sort.every_steps = 100
   # The interrupted run is a 3-step run; a constant rate makes its first 3 steps those of the
   # 6-step run (a decay schedule depends on total_steps).
   config.optim.schedule = "constant"
@@ -168,13 +168,13 @@ def test_tiny_config_trains_end_to_end(tmp_path):
   config.total_steps = 40
   config.log_every_steps = 5
   config.checkpoint_every_steps = 40
-  config.eval_every_steps = 40
+  config.evals.sort.every_steps = 40
   config.optim.update(schedule="constant", lr=2e-3)
   out = train.train_and_evaluate(config, str(tmp_path))
   losses = [loss for _, loss in out["history"]]
   assert [s for s, _ in out["history"]] == list(range(5, 41, 5))
   assert np.mean(losses[-2:]) < 0.9 * losses[0], losses
-  for name in ("eval", "eval_shuffled_frames"):
+  for name in ("sort", "sort/shuffled_frames"):
     assert 0.0 <= out["eval"][f"{name}/sort_acc"] <= 1.0
     assert out["eval"][f"{name}/num_examples"] > 0
   assert (tmp_path / "config.json").exists()

@@ -16,8 +16,18 @@ SCHEDULES = ("step", "cosine", "constant")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 NONFINITE_POLICIES = ("skip", "stop")
-# `eval.protocols` names (tvts_jax/evaluate.py implements each).
-EVAL_PROTOCOLS = ("probe", "v2v_retrieval", "sort", "t2v_retrieval")
+# Keys that configs used to have, and what replaced them: named in the error instead of "unknown".
+REPLACED_KEYS = {
+    "eval_every_steps": "evals.<name>.every_steps (e.g. evals.sort.every_steps)",
+    "eval": ("evals: a dict of named evaluations (tvts_jax/evaluators/); eval.protocols -> the "
+             "names in config.evals (main.py --eval_names=a,b to run some), "
+             "eval.probe_train_records -> evals.probe.train_records, eval.probe_test_records -> "
+             "evals.probe.test_records, eval.retrieval_records -> evals.v2v_retrieval.records, "
+             "eval.heldout_records -> evals.sort.records and evals.t2v_retrieval.records, "
+             "eval.max_examples -> evals.<name>.max_examples, eval.probe_weight_decays / "
+             "probe_holdout_fraction / probe_steps -> evals.probe.weight_decays / "
+             "holdout_fraction / steps"),
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -28,7 +38,6 @@ def base_config() -> ml_collections.ConfigDict:
   # 20 epochs; set to 20 * num_train_videos // batch_size for your data.
   c.total_steps = 20_000
   c.log_every_steps = 50
-  c.eval_every_steps = 2_000
   c.checkpoint_every_steps = 1_000
   c.keep_checkpoints = 3
   c.sort_loss = "softmax_positions"
@@ -99,19 +108,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.demo = ml_collections.ConfigDict(dict(
       num_train_videos=2_000, num_eval_videos=200, vocab_size=200))
 
-  # `main.py --mode=eval` (tvts_jax/evaluate.py). Record globs left empty fall back to the demo
-  # data's train / eval splits when data.train_records is empty; otherwise the protocols that
-  # need them are skipped (and say so).
-  c.eval = ml_collections.ConfigDict(dict(
-      protocols=",".join(EVAL_PROTOCOLS),
-      probe_train_records="",  # labelled records (prepare --labels=folders|csv)
-      probe_test_records="",
-      retrieval_records="",  # video-to-video retrieval; empty: probe_test_records
-      heldout_records="",  # transcript sorting and text-to-video; empty: data.eval_records
-      max_examples=0,  # per labelled set; 0: all
-      probe_weight_decays=(0.0, 1e-4, 1e-3, 1e-2),  # swept on a held-out part of the train set
-      probe_holdout_fraction=0.2,
-      probe_steps=500,  # L-BFGS iterations at most (full batch; stops at convergence)
+  # Evaluations by name (tvts_jax/evaluators/): `type`, `every_steps` (0: only in
+  # `main.py --mode=eval`) and the options of the type. Record globs left empty fall back to
+  # data.eval_records (held-out TVTS examples) or, with the demo data, to its splits; an
+  # evaluation without data is skipped, and says so.
+  from tvts_jax import evaluators  # pylint: disable=g-import-not-at-top  # (imports this module)
+  c.evals = ml_collections.ConfigDict(dict(
+      sort=evaluators.config("sort", every_steps=2_000),
+      t2v_retrieval=evaluators.config("t2v_retrieval"),
+      probe=evaluators.config("probe"),
+      attentive_probe=evaluators.config("attentive_probe"),
+      v2v_retrieval=evaluators.config("v2v_retrieval"),
   ))
   return c
 
@@ -139,6 +146,10 @@ def cudnn_attention_problem(config: ml_collections.ConfigDict) -> str | None:
 def _check_keys(config, reference, prefix=""):
   for key in config.keys():
     path = f"{prefix}{key}"
+    if path in REPLACED_KEYS:
+      raise ConfigError(f"config key {path!r} was replaced by {REPLACED_KEYS[path]}")
+    if path == "evals":
+      continue  # named by the user; checked by evaluators.check_config
     if key not in reference:
       close = [k for k in reference.keys() if k[:3] == key[:3]]
       hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -169,8 +180,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f"{config.model.video.temporal_init_std}")
 
   d, v = config.data, config.model.video
-  for name in ("batch_size", "total_steps", "log_every_steps", "eval_every_steps",
-               "checkpoint_every_steps"):
+  for name in ("batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps"):
     if config[name] <= 0:
       raise ConfigError(f"{name} must be positive, got {config[name]}")
   if d.image_size % v.patch_size:
@@ -207,16 +217,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       "'tvts_torch:PATH'")
   if config.mesh.fsdp < 1 or (config.mesh.data < 1 and config.mesh.data != -1):
     raise ConfigError(f"mesh={config.mesh}; data is -1 or >= 1 and fsdp >= 1")
-  e = config.eval
-  for name in (p.strip() for p in e.protocols.split(",") if p.strip()):
-    _choice("eval.protocols entry", name, EVAL_PROTOCOLS)
-  if not e.probe_weight_decays or min(e.probe_weight_decays) < 0:
-    raise ConfigError(f"eval.probe_weight_decays={e.probe_weight_decays} must be non-negative "
-                      "values (at least one)")
-  if not 0.0 <= e.probe_holdout_fraction < 1.0:
-    raise ConfigError(f"eval.probe_holdout_fraction={e.probe_holdout_fraction} must be in [0, 1)")
-  if e.probe_steps < 1:
-    raise ConfigError(f"eval.probe_steps={e.probe_steps} must be positive")
+  from tvts_jax import evaluators  # pylint: disable=g-import-not-at-top  # (imports this module)
+  evaluators.check_config(config)
   return config
 
 

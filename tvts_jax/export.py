@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tvts_jax import config_schema
+from tvts_jax import config_schema, sharding
 from tvts_jax.models import layers
 
 FORMAT_NAME = "tvts-jax-export"
@@ -81,16 +81,6 @@ def unflatten_params(flat: Mapping[str, Any]) -> dict[Any, Any]:
   return out
 
 
-def to_host(x: Any) -> np.ndarray:
-  """A (possibly multi-host sharded) array -> the full numpy value on this host."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    if x.is_fully_replicated:
-      return np.asarray(x.addressable_data(0))
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def host_params(params: Any, full: bool = True) -> dict[str, np.ndarray]:
   """Model parameters -> flat {path: numpy} in the list layout, complete on every host.
 
@@ -108,7 +98,7 @@ def host_params(params: Any, full: bool = True) -> dict[str, np.ndarray]:
       raise ExportError(f"no 'video' subtree in the parameters (top level: {list(pure)})")
     pure = {"video": pure["video"]}
   # Gathered first, so that splitting scanned stacks is plain numpy slicing.
-  pure = layers.to_list_layout(jax.tree.map(to_host, pure))
+  pure = layers.to_list_layout(jax.tree.map(sharding.to_host, pure))
   return {k: np.ascontiguousarray(v) for k, v in flatten_params(pure).items()}
 
 
@@ -202,11 +192,11 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, path: str
   Returns:
     `path`.
   """
-  from tvts_jax import evaluate, sharding  # pylint: disable=g-import-not-at-top
+  from tvts_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top  # orbax
   _check_suffix(path)
-  evaluate.check_workdir_config(config, workdir)
+  workdir_lib.check_workdir_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
-  params, step = evaluate.restore_params(config, workdir, mesh)
+  params, step = workdir_lib.restore_params(config, workdir, mesh)
   export_params(config, params, path, full=full, step=step)
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.info("exported %s (step %d) of %s to %s", "the whole model" if full else
@@ -284,6 +274,8 @@ def read_export(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 def _merge_config(config: ml_collections.ConfigDict, values: Mapping[str, Any],
                   prefix: str = "") -> None:
   for key, value in values.items():
+    if prefix + key in config_schema.REPLACED_KEYS or prefix + key == "evals":
+      continue  # evaluation settings of an older (or any) run: they shape no parameter
     if key not in config:
       raise ExportError(f"the export's config has key {prefix + key!r}, unknown to this "
                         "tvts-jax (written by a newer version?)")

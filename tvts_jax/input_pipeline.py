@@ -678,6 +678,19 @@ def count_labelled_examples(records_pattern, skip_corrupt: bool = True) -> int:
   return int(ds.reduce(np.int64(0), lambda a, b: a + b))
 
 
+def labelled_example_labels(records_pattern, skip_corrupt: bool = True,
+                            max_examples: int = 0) -> np.ndarray:
+  """int32 [N]: the label of each labelled example, in `make_labelled_iterator`'s order.
+
+  Parses only the label fields: no frame is decoded.
+  """
+  ds = _read_all(list_files(records_pattern), skip_corrupt)
+  ds = ds.flat_map(lambda s: tf.data.Dataset.from_tensor_slices(_labelled_spans(s)[2]))
+  if max_examples:
+    ds = ds.take(int(max_examples))
+  return np.fromiter(ds.as_numpy_iterator(), np.int32)
+
+
 class LabelledBatches(EvalBatches):
   """`EvalBatches` of labelled videos; `num_examples` counts the real (unpadded) ones."""
 

@@ -87,3 +87,13 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
   if batch_size % mesh.size:
     raise ValueError(f"batch_size={batch_size} is not divisible by the {mesh.size} devices")
   return batch_size // jax.process_count()
+
+
+def to_host(x: Any) -> np.ndarray:
+  """A (possibly multi-host sharded) array -> the full numpy value on this host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))

@@ -32,28 +32,15 @@ from jax.experimental import multihost_utils
 
 from tvts_jax import checkpoint as ckpt_lib
 from tvts_jax import config_schema, losses, optim, sharding
+from tvts_jax import workdir as workdir_lib
 from tvts_jax.models import tvts as tvts_model
 
 # Keys of the batch dict the model consumes; the rest (labels) only travel to evaluation.
 MODEL_KEYS = ("video", "text_ids", "text_mask", "order", "valid")
 
 
-def build_model(config, seed: int | jax.Array = 0) -> tvts_model.TVTS:
-  return tvts_model.TVTS(config, rngs=nnx.Rngs(seed))
-
-
-def abstract_model(config):
-  """(graphdef, abstract params) without allocating anything."""
-  return nnx.split(nnx.eval_shape(lambda: build_model(config)))
-
-
-def init_params(config, rng):
-  """Freshly initialised parameters as the train state holds them: a pure nested dict."""
-  return nnx.split(build_model(config, rng))[1].to_pure_dict()
-
-
 def _init_state(config, tx, rng):
-  params = init_params(config, rng)
+  params = tvts_model.init_params(config, rng)
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
           "nonfinite": jnp.zeros((), jnp.int32)}
 
@@ -70,7 +57,7 @@ def abstract_train_state(config, mesh, tx):
   Returns:
     (abstract state: ShapeDtypeStructs with shardings, shardings, graphdef).
   """
-  graphdef, _ = abstract_model(config)
+  graphdef, _ = tvts_model.abstract_model(config)
   abstract = jax.eval_shape(functools.partial(_init_state, config, tx),
                             jax.random.key(config.seed))
   shardings = sharding.tree_shardings(mesh, abstract)
@@ -125,27 +112,6 @@ def train_step(state, batch, *, graphdef, tx, config):
   return new_state, metrics
 
 
-def shuffle_frames(video, rng):
-  """Shuffles each video's frames in time: the control that the model uses the video."""
-  perms = jax.vmap(lambda k: jax.random.permutation(k, video.shape[1]))(
-      jax.random.split(rng, video.shape[0]))
-  return jnp.take_along_axis(video, perms[:, :, None, None, None], axis=1)
-
-
-def eval_step(params, batch, *, graphdef, config, shuffled: bool):
-  """Sort and retrieval metrics on one padded eval batch, all tokens kept.
-
-  Returns metric sums over the valid examples and their count, so that batches of different
-  fill aggregate exactly.
-  """
-  if shuffled:
-    batch = dict(batch, video=shuffle_frames(batch["video"], jax.random.key(config.seed + 1)))
-  _, (metrics, _) = model_outputs_and_loss(graphdef, params, batch, None, config,
-                                           keep_tokens=True)
-  n = batch["valid"].astype(jnp.float32).sum()
-  return {k: v * n for k, v in metrics.items()}, n
-
-
 def jit_train_step(config, mesh, graphdef, tx, state_shardings):
   """`train_step` jitted on `mesh`: state sharded as given and donated, batch over the mesh."""
   return jax.jit(
@@ -165,12 +131,6 @@ class Trainer:
     self.batch_sharding = sharding.batch_sharding(mesh)
     self._train_step = jit_train_step(config, mesh, self.graphdef, self.tx,
                                       self.state_shardings)
-    self._eval_steps = {
-        shuffled: jax.jit(functools.partial(eval_step, graphdef=self.graphdef, config=config,
-                                            shuffled=shuffled),
-                          in_shardings=(self.state_shardings["params"], self.batch_sharding),
-                          out_shardings=sharding.replicated(mesh))
-        for shuffled in (False, True)}
 
   def abstract_state(self):
     return with_shardings(self.state, self.state_shardings)
@@ -179,20 +139,6 @@ class Trainer:
     batch = sharding.global_batch({k: local_batch[k] for k in MODEL_KEYS}, self.mesh)
     self.state, metrics = self._train_step(self.state, batch)
     return metrics
-
-  def evaluate(self, batches, *, shuffled: bool = False) -> dict[str, float]:
-    """Averages the metrics over the valid examples of an eval pass."""
-    sums, count = None, 0.0
-    for local_batch in batches:
-      batch = sharding.global_batch({k: local_batch[k] for k in MODEL_KEYS}, self.mesh)
-      s, n = self._eval_steps[shuffled](self.state["params"], batch)
-      sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
-      count += float(n)
-    if not count:
-      return {}
-    return {k: float(v) / count for k, v in jax.device_get(sums).items()} | {
-        "num_examples": count}
-
 
 # TensorFlow (tf.io.gfile, tf.data) and clu (which imports it) are needed by the training loop
 # only, not by the state and step: the benchmark and library users import this module without
@@ -218,24 +164,6 @@ def _prepare_workdir(config, workdir: str) -> None:
                   "checkpoints and metrics: pass a writable --workdir") from e
 
 
-def resolve_data(config, workdir: str) -> dict[str, str]:
-  """Record globs and tokenizer; generates the demo data when no records are configured."""
-  d = config.data
-  if d.train_records:
-    if not d.tokenizer:
-      raise ValueError("data.train_records is set but data.tokenizer is not: train one with "
-                       "`python -m data_pipelines.tokenizer` and pass its .model")
-    return {"train": d.train_records, "eval": d.eval_records, "tokenizer": d.tokenizer}
-  from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(workdir, "demo_data")
-  if jax.process_index() == 0:
-    paths = synthetic.ensure_demo_data(config, directory)
-  multihost_utils.sync_global_devices("demo data")
-  if jax.process_index() != 0:
-    paths = synthetic.ensure_demo_data(config, directory)  # exists now: only reads it
-  return paths
-
-
 def _check_vocab(config, tokenizer_path: str) -> None:
   from data_pipelines import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   size = tok_lib.Tokenizer(tokenizer_path).vocab_size
@@ -244,17 +172,18 @@ def _check_vocab(config, tokenizer_path: str) -> None:
                      f"model.text.vocab_size={config.model.text.vocab_size}")
 
 
-def _eval_and_write(trainer, make_eval, writer, step) -> dict[str, float]:
-  results = {}
-  for name, shuffled in (("eval", False), ("eval_shuffled_frames", True)):
-    metrics = trainer.evaluate(make_eval(), shuffled=shuffled)
-    results.update({f"{name}/{k}": v for k, v in metrics.items()})
-  writer.write_scalars(step, results)
-  logging.info("eval @%d: sort_acc %.3f (shuffled frames %.3f, chance %.3f)", step,
-               results.get("eval/sort_acc", float("nan")),
-               results.get("eval_shuffled_frames/sort_acc", float("nan")),
-               1.0 / np.prod(np.arange(1, trainer.config.data.num_clips + 1)))
-  return results
+def _eval_and_write(evals, params, writer, step) -> dict[str, float]:
+  from tvts_jax import evaluators  # pylint: disable=g-import-not-at-top
+  out = evaluators.run(evals, params, log_prefix=f"eval @{step}")
+  writer.write_scalars(step, out["metrics"])
+  if out["images"]:
+    writer.write_images(step, {k: v[None] for k, v in out["images"].items()})
+  for name, evaluator in evals.items():
+    shown = [k for k in evaluator.SUMMARY if f"{name}/{k}" in out["metrics"]]
+    if shown:
+      logging.info("eval @%d: %s: %s", step, name, ", ".join(
+          f"{k} {out['metrics'][f'{name}/{k}']:.3f}" for k in shown))
+  return out["metrics"]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -270,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _prepare_workdir(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
-  data = resolve_data(config, workdir)
+  data = workdir_lib.resolve_data(config, workdir)
   _check_vocab(config, data["tokenizer"])
 
   trainer = Trainer(config, mesh)
@@ -292,8 +221,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   train_iter: Iterator = input_pipeline.make_train_iterator(
       config, data["train"], data["tokenizer"], start_step=start_step)
-  make_eval = (functools.partial(input_pipeline.make_eval_iterator, config, data["eval"],
-                                 data["tokenizer"]) if data["eval"] else None)
+  evals = {}
+  if any(e.every_steps for e in config.evals.values()):
+    from tvts_jax import evaluators  # pylint: disable=g-import-not-at-top
+    ctx = evaluators.Context(config, mesh, evaluators.ModelFns(config, mesh),
+                             evaluators.EvalData.from_run(data))
+    evals = evaluators.build(ctx, periodic=True)
   report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
   preempted = ckpt_lib.PreemptionFlag().install()
   pending, last_metrics, eval_results, history = [], {}, {}, []
@@ -320,8 +253,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(step, {f"train/{k}": v for k, v in last_metrics.items()})
         history.append((step, last_metrics["loss"]))
         pending, t_log = [], time.time()
-      if make_eval and (step % config.eval_every_steps == 0 or step == config.total_steps):
-        eval_results = _eval_and_write(trainer, make_eval, writer, step)
+      due = {n: e for n, e in evals.items()
+             if step % config.evals[n].every_steps == 0 or step == config.total_steps}
+      if due:
+        eval_results.update(_eval_and_write(due, trainer.state["params"], writer, step))
       stop = preempted.is_set()
       if jax.process_count() > 1:  # every host must agree to save and stop together
         stop = bool(multihost_utils.process_allgather(np.array(stop)).any())

@@ -169,6 +169,16 @@ def build_model(config: ml_collections.ConfigDict, seed: int | jax.Array = 0) ->
   return TVTS(config, rngs=nnx.Rngs(seed))
 
 
+def abstract_model(config: ml_collections.ConfigDict):
+  """(graphdef, abstract parameters as an `nnx.State`) of `config`'s model, allocating nothing."""
+  return nnx.split(nnx.eval_shape(lambda: build_model(config)))
+
+
+def init_params(config: ml_collections.ConfigDict, rng: int | jax.Array) -> dict:
+  """Freshly initialised parameters as the train state holds them: a pure nested dict."""
+  return nnx.split(build_model(config, rng))[1].to_pure_dict()
+
+
 def dummy_inputs(config: ml_collections.ConfigDict, batch_size: int):
   """Zero inputs of the right shapes and dtypes: (video, text_ids, text_mask).
 
