@@ -391,3 +391,21 @@ def test_command_line_rejects_pipeline_options_for_local_runner(tmp_path):
   with pytest.raises(ValueError, match="need a Beam runner"):
     prepare.prepare(str(tmp_path), str(tmp_path / "out"), 1,
                     pipeline_args=["--direct_num_workers=2"])
+
+
+def test_local_engine_runs_without_importing_beam(clip, tmp_path):
+  # Apache Beam is imported by beam_engine alone, when a Beam runner is asked for: the local
+  # engine and every other module of the converter work without Beam installed.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = "\n".join([
+      "import sys",
+      "from data_pipelines import decode, listing, prepare, shards, video_records",
+      f"info = prepare.prepare({os.path.dirname(clip)!r}, {str(tmp_path)!r}, 1,",
+      f"    video_records.Options(short_side={SHORT}, require_transcripts=False))",
+      "assert info['num_records'] == 1, info",
+      "assert 'apache_beam' not in sys.modules, 'apache_beam was imported'",
+  ])
+  proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                        text=True, timeout=300,
+                        env={**os.environ, "PYTHONPATH": root, "CUDA_VISIBLE_DEVICES": ""})
+  assert proc.returncode == 0, proc.stderr[-3000:]
