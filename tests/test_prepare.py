@@ -15,8 +15,12 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from data_pipelines import decode
+from data_pipelines import listing
 from data_pipelines import prepare
 from data_pipelines import records
+from data_pipelines import shards
+from data_pipelines import video_records
 
 FPS = 10  # source frame rate of the test videos
 SHORT = 32  # stored short side, small to keep the tests fast
@@ -97,7 +101,7 @@ def read_all(out_dir):
 
 
 def options(**kw):
-  return prepare.Options(**{"short_side": SHORT, **kw})
+  return video_records.Options(**{"short_side": SHORT, **kw})
 
 
 # ------------------------------------------------------------------------------------------
@@ -110,7 +114,7 @@ def clip(tmp_path_factory):
 
 @pytest.mark.parametrize("fps", [2.0, 3.0])
 def test_frames_at_fps_nearest_source_frame(clip, fps):
-  recs = prepare.convert_video(clip, None, options(fps=fps, require_transcripts=False))
+  recs = video_records.convert_video(clip, None, options(fps=fps, require_transcripts=False))
   assert len(recs) == 1
   r = recs[0]
   assert (r.video_id, r.duration, r.start_time, r.height, r.width) == ("clip", 16.0, 0.0,
@@ -132,7 +136,7 @@ def test_metadata_that_is_not_utf8_does_not_stop_a_video(tmp_path):
   raw = path.read_bytes()
   assert raw.count(b"cafe latin-1") == 1
   path.write_bytes(raw.replace(b"cafe latin-1", b"caf\xe9 latin-1"))
-  recs = prepare.convert_video(str(path), None, options(fps=2.0, require_transcripts=False))
+  recs = video_records.convert_video(str(path), None, options(fps=2.0, require_transcripts=False))
   assert len(recs) == 1 and len(recs[0].frames) == 32
 
 
@@ -143,7 +147,7 @@ def test_windows_hold_their_frames_and_words(tmp_path):
   (tmp_path / "long.json").write_text(whisper(words))
   # 8 s windows: [0, 8), [8, 16) and a 4 s rest shorter than min_duration -> [8, 20).
   opts = options(window_seconds=8, min_duration=5)
-  recs = prepare.convert_video(video, str(tmp_path / "long.json"), opts)
+  recs = video_records.convert_video(video, str(tmp_path / "long.json"), opts)
   assert [r.video_id for r in recs] == ["long@0", "long@1"]
   assert [(r.start_time, r.duration) for r in recs] == [(0.0, 8.0), (8.0, 12.0)]
   assert recs[0].words == ["zero", "one"]
@@ -158,33 +162,33 @@ def test_windows_hold_their_frames_and_words(tmp_path):
     assert [source_frame(f) for f in r.frames] == [
         round((r.start_time + t) * FPS) for t in r.frame_times]
   # The word after the video's end is dropped and counted.
-  item = prepare.VideoItem(video, str(tmp_path / "long.json"), "long")
-  outcome, serialized = prepare.process_item(item, opts)
+  item = video_records.VideoItem(video, str(tmp_path / "long.json"), "long")
+  outcome, serialized = video_records.process_item(item, opts)
   assert (outcome["reason"], outcome["words"], outcome["words_past_end"]) == ("", 5, 1)
   assert [records.parse_numpy(b)["video_id"] for _, b in serialized] == ["long@0", "long@1"]
 
 
 def test_window_bounds():
-  opts = prepare.Options(fps=2, window_seconds=8, min_duration=3)
-  assert prepare.window_bounds(20.0, opts) == [(0, 0.0, 8.0), (16, 8.0, 16.0),
-                                               (32, 16.0, 20.0)]
-  assert prepare.window_bounds(18.0, opts) == [(0, 0.0, 8.0), (16, 8.0, 18.0)]
-  assert prepare.window_bounds(7.0, opts) == [(0, 0.0, 7.0)]
+  opts = video_records.Options(fps=2, window_seconds=8, min_duration=3)
+  assert video_records.window_bounds(20.0, opts) == [(0, 0.0, 8.0), (16, 8.0, 16.0),
+                                                     (32, 16.0, 20.0)]
+  assert video_records.window_bounds(18.0, opts) == [(0, 0.0, 8.0), (16, 8.0, 18.0)]
+  assert video_records.window_bounds(7.0, opts) == [(0, 0.0, 7.0)]
   # Window length is rounded to whole frames: 7.3 s at 2 fps -> 15 frames = 7.5 s.
-  assert prepare.window_bounds(16.0, prepare.Options(fps=2, window_seconds=7.3,
-                                                     min_duration=1))[1] == (15, 7.5, 15.0)
+  assert video_records.window_bounds(16.0, video_records.Options(
+      fps=2, window_seconds=7.3, min_duration=1))[1] == (15, 7.5, 15.0)
 
 
 def test_unexpected_error_becomes_a_counted_skip(monkeypatch, clip):
   def broken(*args):
     raise KeyError("bug")
-  monkeypatch.setattr(prepare, "decode_video", broken)
-  item = prepare.VideoItem(clip, None, "clip")
-  outcome, serialized = prepare.process_item(item, options(require_transcripts=False))
+  monkeypatch.setattr(decode, "decode_video", broken)
+  item = video_records.VideoItem(clip, None, "clip")
+  outcome, serialized = video_records.process_item(item, options(require_transcripts=False))
   assert outcome["reason"] == "error: KeyError" and serialized == []
   # convert_video itself does not hide bugs.
   with pytest.raises(KeyError):
-    prepare.convert_video(clip, None, options(require_transcripts=False))
+    video_records.convert_video(clip, None, options(require_transcripts=False))
 
 
 # ------------------------------------------------------------------------------------------
@@ -257,14 +261,14 @@ def test_bad_videos_skipped_by_reason_good_ones_kept(videos, local_out):
   out, info = local_out
   assert info["skipped"] == dict(collections.Counter(EXPECTED_SKIPS.values()))
   assert (info["videos"], info["kept_videos"], info["skipped_videos"]) == (15, 4, 11)
-  skipped = [json.loads(l) for l in open(out / prepare.SKIPPED_FILE)]
+  skipped = [json.loads(l) for l in open(out / shards.SKIPPED_FILE)]
   assert {s["video_id"]: s["reason"] for s in skipped} == EXPECTED_SKIPS
   _, recs = read_all(out)
   assert sorted(recs) == ["good_srt", "good_vtt", "good_whisper", "good_yt"]
   assert info["shard_counts"] == {info["files"][0]: 2, info["files"][1]: 2}
   assert info["num_records"] == 4
   # Each shard mixes good and bad videos, and its good ones all arrived.
-  items, _ = prepare.list_videos(str(videos), 2)
+  items, _ = listing.list_videos(str(videos), 2)
   for shard in (0, 1):
     ids = {it.video_id for it in items if it.shard == shard}
     assert ids & set(EXPECTED_SKIPS) and ids & set(recs)
@@ -303,10 +307,10 @@ def test_beam_direct_runner_writes_identical_bytes(videos, local_out, tmp_path):
       pipeline_args=["--direct_num_workers=2", "--direct_running_mode=multi_threading"])
   assert beam_info["engine"] == "beam:DirectRunner"
   assert {**beam_info, "engine": "local"} == info
-  for name in info["files"] + [prepare.SKIPPED_FILE]:
+  for name in info["files"] + [shards.SKIPPED_FILE]:
     assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
   assert sorted(os.listdir(tmp_path)) == sorted(
-      info["files"] + [prepare.SKIPPED_FILE, records.INFO_FILE])
+      info["files"] + [shards.SKIPPED_FILE, records.INFO_FILE])
 
 
 def test_manifest_with_csv_labels(videos, tmp_path):
@@ -334,7 +338,7 @@ def test_manifest_with_csv_labels(videos, tmp_path):
 def test_manifest_integer_labels_kept(tmp_path):
   manifest = tmp_path / "m.csv"
   manifest.write_text("video,label\na.mp4,12\nb.mp4,3\n")
-  items, class_names = prepare.read_manifest(str(manifest), 2, labels="csv")
+  items, class_names = listing.read_manifest(str(manifest), 2, labels="csv")
   assert class_names is None
   assert [(it.video_id, it.label, it.shard) for it in items] == [("a", 12, 0), ("b", 3, 1)]
   assert items[0].video == str(tmp_path / "a.mp4")
@@ -363,7 +367,7 @@ def test_duplicate_stems_get_relative_ids(tmp_path):
   for d in ("a", "b"):
     (tmp_path / d).mkdir()
     (tmp_path / d / "clip.mp4").write_bytes(b"")
-  items, _ = prepare.list_videos(str(tmp_path), 3)
+  items, _ = listing.list_videos(str(tmp_path), 3)
   assert [it.video_id for it in items] == ["a/clip", "b/clip"]
 
 
@@ -379,7 +383,7 @@ def test_command_line_with_worker_pool_writes_identical_bytes(videos, local_out,
       env={**os.environ, "PYTHONPATH": root, "CUDA_VISIBLE_DEVICES": ""})
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "skipped: video_truncated" in proc.stdout
-  for name in info["files"] + [prepare.SKIPPED_FILE, records.INFO_FILE]:
+  for name in info["files"] + [shards.SKIPPED_FILE, records.INFO_FILE]:
     assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
 
 
@@ -387,3 +391,21 @@ def test_command_line_rejects_pipeline_options_for_local_runner(tmp_path):
   with pytest.raises(ValueError, match="need a Beam runner"):
     prepare.prepare(str(tmp_path), str(tmp_path / "out"), 1,
                     pipeline_args=["--direct_num_workers=2"])
+
+
+def test_local_engine_runs_without_importing_beam(clip, tmp_path):
+  # Apache Beam is imported by beam_engine alone, when a Beam runner is asked for: the local
+  # engine and every other module of the converter work without Beam installed.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = "\n".join([
+      "import sys",
+      "from data_pipelines import decode, listing, prepare, shards, video_records",
+      f"info = prepare.prepare({os.path.dirname(clip)!r}, {str(tmp_path)!r}, 1,",
+      f"    video_records.Options(short_side={SHORT}, require_transcripts=False))",
+      "assert info['num_records'] == 1, info",
+      "assert 'apache_beam' not in sys.modules, 'apache_beam was imported'",
+  ])
+  proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                        text=True, timeout=300,
+                        env={**os.environ, "PYTHONPATH": root, "CUDA_VISIBLE_DEVICES": ""})
+  assert proc.returncode == 0, proc.stderr[-3000:]
