@@ -15,8 +15,10 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from tvts_jax import aot, benchmark, sharding, train
+from tvts_jax import sharding, train
 from tvts_jax.models import layers, matmul, platform, tvts
+from tvts_jax.perf import aot, hlo, step
+from tvts_jax.perf import flops as perf_flops
 
 # Compile time dominates these tests on CPU; LLVM's optimisations do not change the results.
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -27,7 +29,7 @@ def test_analytic_flops_match_a_hand_count_for_the_tiny_config():
   # 25% -> 2 slices of 16 patches, 4 kept each -> 1 + 2*4 = 9 tokens; text D=32, depth 1,
   # M=64, L=8; sorter depth 1, M=64, 9 + 4 = 13 tokens; embed_dim E=16.
   config = tiny.get_config()
-  flops = benchmark.analytic_flops(config, batch_size=8)
+  flops = perf_flops.analytic_flops(config, batch_size=8)
   patch_embed = 2 * (8 * 2 * 4) * (2 * 8 * 8 * 3) * 32  # 64 kept tubelets of 384 values
   video_block = (2 * (8 * 9) * 32 * 64  # k, v projections
                  + 2 * (8 * 9) * (32 * 32 + 32 * 32)  # q and output projections
@@ -51,13 +53,13 @@ def test_analytic_flops_match_a_hand_count_for_the_tiny_config():
 
 def test_analytic_flops_scale_with_text_len_and_projection():
   config = tiny.get_config()
-  short, full = (benchmark.analytic_flops(config, 8, text_len=n) for n in (4, 8))
+  short, full = (perf_flops.analytic_flops(config, 8, text_len=n) for n in (4, 8))
   assert short["text"] < full["text"]
   assert short["video_blocks"] == full["video_blocks"]
   # A text tower narrower than the video tower adds the sorter's input projection.
   config.model.text.width = 16
   config.model.text.num_heads = 2
-  narrow = benchmark.analytic_flops(config, 8)
+  narrow = perf_flops.analytic_flops(config, 8)
   extra = narrow["heads"] - (2 * 8 * 32 * 16 + 2 * 32 * 16 * 16 + 2 * 8 * 8 * 16
                              + 2 * 32 * 32 * 4)
   assert extra == 2 * 32 * 16 * 32
@@ -76,14 +78,14 @@ def test_analytic_flops_scale_with_text_len_and_projection():
     ("cpu", None),
 ])
 def test_peak_table(kind, peak):
-  assert benchmark.peak_flops_per_device(kind) == peak
+  assert perf_flops.peak_flops_per_device(kind) == peak
 
 
 def test_mfu_arithmetic():
   # 1 PFLOP per step in 2 s on 4 devices of 250 TFLOP/s: 500 of 1000 TFLOP/s.
-  assert benchmark.mfu(1e15, 2.0, 4, 250e12) == pytest.approx(0.5)
-  assert benchmark.mfu(989e12 * 0.6, 1.0, 1, 989e12) == pytest.approx(0.6)
-  assert benchmark.mfu(1e15, 2.0, 4, None) is None
+  assert perf_flops.mfu(1e15, 2.0, 4, 250e12) == pytest.approx(0.5)
+  assert perf_flops.mfu(989e12 * 0.6, 1.0, 1, 989e12) == pytest.approx(0.6)
+  assert perf_flops.mfu(1e15, 2.0, 4, None) is None
 
 
 _HLO = """HloModule jit_step, is_scheduled=true
@@ -108,7 +110,7 @@ ENTRY %main.9 (state.1: f32[16,16], x.2: bf16[4,8]) -> (f32[16,16], bf16[8,8]) {
 
 
 def test_hlo_stats_reads_copies_dots_and_kernels():
-  stats = benchmark.hlo_stats(_HLO)
+  stats = hlo.hlo_stats(_HLO)
   assert stats["copies"] == 1 and stats["copy_bytes"] == 16 * 16 * 4
   assert stats["state_copies"] == 1 and stats["state_copy_bytes"] == 16 * 16 * 4
   assert stats["transposes"] == 0 and stats["transposes_in_fusions"] == 1
@@ -124,9 +126,9 @@ def test_hlo_stats_of_a_compiled_donated_update_has_no_state_copy():
                    donate_argnums=(0,))
   state = {"w": jnp.ones((64, 64)), "b": jnp.ones((64,))}
   compiled = update.lower(state, state).compile()
-  stats = benchmark.hlo_stats(compiled.as_text())
+  stats = hlo.hlo_stats(compiled.as_text())
   assert stats["state_copies"] == 0
-  mem = benchmark.memory_analysis(compiled)
+  mem = hlo.memory_analysis(compiled)
   assert mem["alias"] == (64 * 64 + 64) * 4
 
 
@@ -146,12 +148,12 @@ def test_find_max_batch_doubles_then_bisects(monkeypatch):
     compiled_batches.append(batch)
     return batch, 0.0, 0.0, None
 
-  monkeypatch.setattr(benchmark, "compile_step", fake_compile)
-  monkeypatch.setattr(benchmark, "memory_analysis",
+  monkeypatch.setattr(step, "compile_step", fake_compile)
+  monkeypatch.setattr(hlo, "memory_analysis",
                       lambda batch: {"estimate": fixed + per_example * batch // 4})
   config = ml_collections.ConfigDict(dict(batch_size=24))
-  out = benchmark.find_max_batch(_Trainer(), config, limit_bytes=limit, fraction=0.9,
-                                 log=lambda _: None)
+  out = step.find_max_batch(_Trainer(), config, limit_bytes=limit, fraction=0.9,
+                            log=lambda _: None)
   # 0.9 * 8 GiB - 1 GiB = 6.2 GiB -> 63.5 examples per device -> 252 (a multiple of 4).
   best = max(b for b in range(4, 1000, 4) if fixed + per_example * b // 4 <= 0.9 * limit)
   assert out["max_batch"] == best == 252 and out["per_device"] == 63
@@ -159,14 +161,14 @@ def test_find_max_batch_doubles_then_bisects(monkeypatch):
   assert len(compiled_batches) == len(set(compiled_batches)) <= 12
   # Starting above the limit halves first.
   config.batch_size = 1024
-  assert benchmark.find_max_batch(_Trainer(), config, limit_bytes=limit, fraction=0.9,
-                                  log=lambda _: None)["max_batch"] == 252
+  assert step.find_max_batch(_Trainer(), config, limit_bytes=limit, fraction=0.9,
+                             log=lambda _: None)["max_batch"] == 252
   # A coarser search: only multiples of lcm(4 devices, 48) = 48, so 240, in fewer compiles.
   compiled_batches.clear()
   config.batch_size = 24
   kept = {}
-  out = benchmark.find_max_batch(_Trainer(), config, limit_bytes=limit, fraction=0.9,
-                                 multiple=48, compiled=kept, log=lambda _: None)
+  out = step.find_max_batch(_Trainer(), config, limit_bytes=limit, fraction=0.9,
+                            multiple=48, compiled=kept, log=lambda _: None)
   assert out["max_batch"] == 240 and out["per_device"] == 60
   # The step compiled at the answer is handed back (timed without compiling it again).
   assert list(kept) == [240] and kept[240][0] == 240
@@ -181,7 +183,7 @@ def _loss_and_grads(config, params_pure):
   abstract.replace_by_pure_dict(pure)
   params = abstract
   batch = {k: jnp.asarray(v) for k, v in
-           benchmark.synthetic_batch(config, config.batch_size).items()}
+           step.synthetic_batch(config, config.batch_size).items()}
   rng = jax.random.key(3)
 
   @jit
@@ -215,7 +217,7 @@ def _grad_temp_bytes(config, batch_size):
   """XLA's temporary memory for the loss gradient of `config` (compiled, nothing run)."""
   graphdef, params = tvts.abstract_model(config)
   batch = {k: jnp.asarray(v) for k, v in
-           benchmark.synthetic_batch(config, batch_size).items()}
+           step.synthetic_batch(config, batch_size).items()}
   grad = jax.grad(lambda p: train.model_outputs_and_loss(graphdef, p, batch, jax.random.key(0),
                                                          config)[0])
   return jit(grad).lower(params).compile().memory_analysis().temp_size_in_bytes
@@ -238,7 +240,7 @@ def test_benchmark_step_reports_every_key():
   config = tiny.get_config()
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=2)))
   trainer = train.Trainer(config, mesh)
-  report = benchmark.benchmark_step(trainer, config, steps=2, warmup=1, text_len=6)
+  report = step.benchmark_step(trainer, config, steps=2, warmup=1, text_len=6)
   for key in ("step_time_s", "clips_per_s", "flops_per_step", "flops_per_step_analytic",
               "tflops_per_s", "mfu", "peak_memory_bytes", "compile_time_s", "device",
               "batch_size"):
@@ -246,7 +248,7 @@ def test_benchmark_step_reports_every_key():
   assert report["batch_size"] == 8 and report["text_len"] == 6
   assert report["device"] == "cpu x8" and report["mfu"] is None
   assert report["clips_per_s"] == pytest.approx(8 / report["step_time_s"])
-  assert report["flops_per_step_analytic"] == benchmark.analytic_flops(config, 8, 6)["total"]
+  assert report["flops_per_step_analytic"] == perf_flops.analytic_flops(config, 8, 6)["total"]
   assert report["flops_per_step"] > 0 and np.isfinite(report["loss"])
   assert int(trainer.state["step"]) == 3
   # Donation works: the state's outputs reuse its buffers, and no part of the state is copied
@@ -260,8 +262,8 @@ def _bf16_step_stats():
   config.compute_dtype = "bfloat16"
   trainer = train.Trainer(config, sharding.make_mesh(config.mesh))
   lowered = trainer._train_step.lower(  # pylint: disable=protected-access
-      trainer.abstract_state(), benchmark._abstract_batch(trainer, config, 8, None))
-  return benchmark.lowered_stats(lowered.as_text())
+      trainer.abstract_state(), step._abstract_batch(trainer, config, 8, None))
+  return hlo.lowered_stats(lowered.as_text())
 
 
 def test_bf16_config_runs_matmuls_in_bf16_and_softmax_in_f32(monkeypatch):
@@ -297,10 +299,10 @@ def test_cpu_bf16_matmuls_stay_bf16_when_compiled():
   config = tiny.get_config()
   config.compute_dtype = "bfloat16"
   trainer = train.Trainer(config, _one_device_mesh(config))
-  compiled, _, _, lowered = benchmark.compile_step(trainer, config, 8, None)
-  lowered_bf16 = benchmark.lowered_stats(lowered.as_text())["dots"]["bf16,bf16->f32"]
+  compiled, _, _, lowered = step.compile_step(trainer, config, 8, None)
+  lowered_bf16 = hlo.lowered_stats(lowered.as_text())["dots"]["bf16,bf16->f32"]
   assert lowered_bf16 >= 3 * 4 * 3
-  assert benchmark.hlo_stats(compiled.as_text())["dots"].get("bf16,bf16->f32") == lowered_bf16
+  assert hlo.hlo_stats(compiled.as_text())["dots"].get("bf16,bf16->f32") == lowered_bf16
 
 
 def test_cpu_weight_gradients_contract_a_row_major_copy():
@@ -309,7 +311,7 @@ def test_cpu_weight_gradients_contract_a_row_major_copy():
   # f32. Every Linear's weight gradient must come from `_cpu_weight_grad`'s row-major copy.
   config = tiny.get_config()
   trainer = train.Trainer(config, _one_device_mesh(config))
-  compiled, _, _, _ = benchmark.compile_step(trainer, config, 8, None)
+  compiled, _, _, _ = step.compile_step(trainer, config, 8, None)
   weight_grads = [
       m for m in re.finditer(r"= f32\[(\d+),(\d+)\]\{[\d,]+\} dot\([^\n]*"
                              r"lhs_contracting_dims=\{0\}", compiled.as_text())
@@ -364,8 +366,8 @@ def test_side_by_side_timing_alternates_blocks():
   config = tiny.get_config()
   trainer = train.Trainer(config, sharding.make_mesh(config.mesh))
   blocks = []
-  report = benchmark.benchmark_step(trainer, config, steps=7, warmup=1, text_len=6,
-                                    other=blocks.append, block=3)
+  report = step.benchmark_step(trainer, config, steps=7, warmup=1, text_len=6,
+                               other=blocks.append, block=3)
   assert blocks == [3, 3, 1]
   assert len(report["step_times_s"]) == 7
   assert int(trainer.state["step"]) == 1 + 7 + 3  # warm-up, timed, one untimed per block
@@ -388,15 +390,15 @@ def test_cpu_f32_dense_equals_autodiff():
 def test_torch_reference_model_has_our_parameter_count_and_trains():
   # The side-by-side PyTorch model must be the same architecture as ours (same parameter
   # count, text width != video width so the sorter's text projection exists in both), and its
-  # step must run; it runs in a subprocess, as `benchmark --compare_torch` does.
+  # step must run; it runs in a subprocess, as `perf --compare_torch` does.
   pytest.importorskip("torch")
-  from tvts_jax import benchmark_torch  # pylint: disable=g-import-not-at-top
+  from tvts_jax.perf import torch_ref  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.model.text.update(width=48, num_heads=2, mlp_dim=96)
   ours = sum(x.size for x in jax.tree.leaves(
       nnx.state(nnx.eval_shape(lambda: tvts.build_model(config)), nnx.Param)))
-  report = benchmark_torch.run_in_subprocess(config, text_len=6, steps=2, warmup=1)
-  side = benchmark_torch.SideBySide(config, text_len=6, warmup=1)  # as --compare_torch runs it
+  report = torch_ref.run_in_subprocess(config, text_len=6, steps=2, warmup=1)
+  side = torch_ref.SideBySide(config, text_len=6, warmup=1)  # as --compare_torch runs it
   assert len(side.run(2)) == 2 and len(side.run(1)) == 1
   assert len(side.close()["torch_step_times_s"]) == 3
   assert report["torch_params"] == ours
@@ -406,10 +408,10 @@ def test_torch_reference_model_has_our_parameter_count_and_trains():
   # A subprocess that dies is an error carrying its traceback, not a hang.
   config.model.text.num_heads = 5  # 48 is not divisible by 5: the PyTorch model fails
   with pytest.raises(RuntimeError, match="reference benchmark failed(.|\n)*Traceback"):
-    benchmark_torch.SideBySide(config, text_len=6, warmup=1)
+    torch_ref.SideBySide(config, text_len=6, warmup=1)
 
 
-# --- compiling for a GPU this machine does not have (tvts_jax/aot.py) ---------------------
+# --- compiling for a GPU this machine does not have (tvts_jax/perf/aot.py) ----------------
 
 _HAS_CUDA_PLUGIN = aot.cuda_plugin_installed()
 
@@ -452,7 +454,7 @@ def test_aot_target_compiles_the_step_for_an_h100_without_one():
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, XLA_FLAGS="")  # not the tests' 8 fake CPU devices
   out = subprocess.run(
-      [sys.executable, "-m", "tvts_jax.benchmark", "--config=configs/tiny.py",
+      [sys.executable, "-m", "tvts_jax.perf", "--config=configs/tiny.py",
        "--config.compute_dtype=bfloat16",  # model.attention: the default 'auto'
        "--aot_target=h100", "--find_max_batch", "--max_batch=64"],
       capture_output=True, text=True, cwd=repo, env=env, timeout=900, check=True)

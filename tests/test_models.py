@@ -14,8 +14,9 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from tvts_jax import aot, config_schema, losses
+from tvts_jax import config_schema, losses
 from tvts_jax.models import layers, platform, tvts, video_vit
+from tvts_jax.perf import aot
 
 B = 3
 # These tests are bound by XLA:CPU compile time; skipping LLVM's optimisations halves it
@@ -335,13 +336,14 @@ def test_cudnn_training_step_lowers_for_cuda(monkeypatch):
   # model's real attention shapes, which the recording stand-in above cannot.
   if not aot.cuda_plugin_installed():
     pytest.skip("needs jax's CUDA plugin (jax-cuda12-plugin or jax-cuda13-plugin)")
-  from tvts_jax import benchmark, train  # pylint: disable=g-import-not-at-top
+  from tvts_jax import train  # pylint: disable=g-import-not-at-top
+  from tvts_jax.perf import step  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(platform, "on_cuda_gpu", lambda: True)
   monkeypatch.setattr(platform, "on_cpu", lambda: False)
   config = _config(**{"model.attention": "cudnn", "compute_dtype": "bfloat16"})
   graphdef, params = tvts.abstract_model(config)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-           for k, v in benchmark.synthetic_batch(config, B).items()}
+           for k, v in step.synthetic_batch(config, B).items()}
   grad = jax.grad(lambda p, b: train.model_outputs_and_loss(graphdef, p, b, jax.random.key(0),
                                                             config)[0])
   text = jax.jit(grad).trace(params, batch).lower(lowering_platforms=("cuda",)).as_text()

@@ -7,7 +7,7 @@ config on 2 cores (0 faults with the tuning). One arena that never mmaps and nev
 the pages for reuse. What that saves depends on the machine: ~10% of the paper step on a loaded
 2-core box, within the noise on the same box when quiet (README, Benchmark).
 
-Nothing here runs on import: the entry points (`main.py`, `python -m tvts_jax.benchmark`) call
+Nothing here runs on import: the entry points (`main.py`, `python -m tvts_jax.perf`) call
 `configure(FLAGS.host_malloc)` before JAX creates its CPU client, since the setting only reaches
 the threads that allocate after it. A library user who wants it calls it the same way, first.
 Costs: the process keeps its peak host memory, and compiling is slower (the compiler's threads

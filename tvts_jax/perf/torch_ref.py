@@ -1,15 +1,16 @@
 r"""A PyTorch model of the reference TVTS architecture, timed at the same shapes as ours.
 
-    python -m tvts_jax.benchmark_torch --config=configs/paper.py --config.batch_size=2 \
+    python -m tvts_jax.perf.torch_ref --config=configs/paper.py --config.batch_size=2 \
         --text_len=32 --steps=8
-    python -m tvts_jax.benchmark --config=configs/paper.py --config.batch_size=2 \
-        --text_len=32 --compare_torch        # both, one after the other, and their ratio
+    python -m tvts_jax.perf --config=configs/paper.py --config.batch_size=2 \
+        --text_len=32 --compare_torch        # both, in alternating blocks, and their ratio
 
 Published per-step figures for the reference come from some other machine; on a shared or
 virtual machine only a side-by-side run gives a fair ratio. This module builds what the
-reference trains (`shared/REFERENCE.md`), the way the reference runs it: eager PyTorch, fp32,
-attention as explicit matmul + softmax, a DistilBERT-shaped post-LN text encoder (random
-weights: speed only), token keeping by gather, and AdamW. It needs `pip install -e '.[torch]'`.
+reference trains (the architecture of the paper's published code), the way the reference runs
+it: eager PyTorch, fp32, attention as explicit matmul + softmax, a DistilBERT-shaped post-LN
+text encoder (random weights: speed only), token keeping by gather, and AdamW. It needs
+`pip install -e '.[torch]'`; it is the only module of the package that imports torch.
 The last line printed is JSON: `torch_step_time_s` (median), `torch_clips_per_s`,
 `torch_step_times_s`, `torch_params`, `torch_version`, `torch_threads`.
 """
@@ -218,9 +219,9 @@ def run_in_subprocess(config: ml_collections.ConfigDict, text_len: int, steps: i
 class SideBySide:
   """The PyTorch model in a subprocess, stepping a block at a time when asked.
 
-  `benchmark --compare_torch` alternates blocks of its own steps with blocks of these, so
-  both are timed over the same minutes: on a shared machine whose speed drifts (2x within
-  minutes on our 2-core development box) a run of one after the other is not a comparison.
+  `python -m tvts_jax.perf --compare_torch` alternates blocks of its own steps with blocks of
+  these, so both are timed over the same minutes: on a shared machine whose speed drifts
+  within minutes, a run of one after the other is not a comparison.
   Each block starts with one untimed step on either side, which lets the other process's
   threads go quiet. The subprocess is idle (blocked on its stdin) while ours runs.
   """
@@ -232,7 +233,7 @@ class SideBySide:
       RuntimeError: PyTorch is missing or the subprocess failed (its stderr is in the message).
     """
     code = ("import json, sys; from ml_collections import ConfigDict; "
-            "from tvts_jax import benchmark_torch as b; "
+            "from tvts_jax.perf import torch_ref as b; "
             "b.serve(ConfigDict(json.loads(sys.argv[1])), *map(int, sys.argv[2:]))")
     self._stderr = tempfile.TemporaryFile("w+")  # a pipe nobody reads could fill and block
     self._proc = subprocess.Popen(
@@ -287,7 +288,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  _here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  _here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   config_flags.DEFINE_config_file("config", os.path.join(_here, "configs", "small.py"),
                                   "Config file (shapes).", lock_config=True)
   flags.DEFINE_integer("text_len", None, "Transcript length (default: config.data.text_len).")

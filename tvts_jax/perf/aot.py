@@ -3,7 +3,7 @@
 XLA:GPU can compile ahead of time from a description of the target ("deviceless"): the
 compiled step's memory analysis is then XLA:GPU's own buffer assignment for that card, so a
 config's memory and the largest batch that fits can be known before renting the card
-(`python -m tvts_jax.benchmark --aot_target=h100 [--find_max_batch]`). Nothing runs: there is
+(`python -m tvts_jax.perf --aot_target=h100 [--find_max_batch]`). Nothing runs: there is
 no step time and no FLOP count (XLA reports no cost analysis for such executables).
 
 Needs jax's CUDA plugin (`pip install jax-cuda12-plugin==<jax version> nvidia-cudnn-cu12`, or
@@ -81,7 +81,7 @@ def memory_limit(target: str) -> int:
 
 
 class AotTrainer:
-  """What `benchmark.compile_step` / `find_max_batch` use of a `train.Trainer`, for a target
+  """What `step.compile_step` / `step.find_max_batch` use of a `train.Trainer`, for a target
   GPU: the (data, fsdp) mesh over `num_devices` such cards, abstract sharded state and the
   jitted step. No state is created (the devices do not exist). Creating one switches the
   process to building the model for CUDA (`platform.set_target_platform`): a process that
