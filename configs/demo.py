@@ -4,7 +4,7 @@ Trains on 2 CPU cores in about a quarter of an hour. The data (narrated syntheti
 written as TFRecords) and its sentencepiece tokenizer are generated into the workdir on the
 first run.
 """
-from tvts_jax import config_schema
+from tvts_jax import config_schema, evaluators
 
 
 def get_config():
@@ -12,7 +12,7 @@ def get_config():
   c.batch_size = 32
   c.total_steps = 2_000
   c.log_every_steps = 50
-  c.evals.sort.every_steps = 500
+  c.evals = evaluators.standard(sort_every_steps=500)
   c.checkpoint_every_steps = 500
   c.optim.lr = 5e-4
   c.optim.schedule = "cosine"

@@ -7,8 +7,10 @@
 
 Every value is the reference's (`shared/REFERENCE.md`); only the data paths are yours.
 """
-from tvts_jax import config_schema
+from tvts_jax import config_schema, evaluators
 
 
 def get_config():
-  return config_schema.base_config()
+  c = config_schema.base_config()
+  c.evals = evaluators.standard(sort_every_steps=2_000)
+  return c

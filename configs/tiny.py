@@ -1,5 +1,5 @@
 """The smallest config that exercises every code path; used by the tests."""
-from tvts_jax import config_schema
+from tvts_jax import config_schema, evaluators
 
 
 def get_config():
@@ -7,7 +7,7 @@ def get_config():
   c.batch_size = 8
   c.total_steps = 10
   c.log_every_steps = 2
-  c.evals.sort.every_steps = 5
+  c.evals = evaluators.standard(sort_every_steps=5)
   c.checkpoint_every_steps = 5
   c.optim.lr = 1e-3
   c.model.embed_dim = 16

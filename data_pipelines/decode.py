@@ -13,14 +13,20 @@ import contextlib
 import dataclasses
 import io
 import os
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import av
 from PIL import Image
 import tensorflow as tf
 
-if TYPE_CHECKING:
-  from data_pipelines import video_records
+
+
+class DecodeOptions(Protocol):
+  """What decoding reads of the conversion options (`video_records.Options` has them)."""
+  fps: float
+  short_side: int
+  jpeg_quality: int
+  max_bad_packets: int
 
 # Container metadata that is not UTF-8 (common in old AVI/MKV files) must not make a video
 # unreadable. PyAV < 19 raises on it unless told `metadata_errors="ignore"`; PyAV 19 decodes it
@@ -65,7 +71,7 @@ class _NearestFrameSampler:
   source slower than `fps` gives repeated frames, so the stored rate is always `fps`.
   """
 
-  def __init__(self, options: video_records.Options):
+  def __init__(self, options: DecodeOptions):
     self._fps = options.fps
     self._short_side = options.short_side
     self._quality = options.jpeg_quality
@@ -117,7 +123,7 @@ class DecodedVideo:
   height: int
 
 
-def decode_video(path: str, options: video_records.Options) -> DecodedVideo:
+def decode_video(path: str, options: DecodeOptions) -> DecodedVideo:
   """Decodes a video and samples its frames at `options.fps` (see `_NearestFrameSampler`).
 
   Args:

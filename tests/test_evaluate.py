@@ -279,29 +279,29 @@ def test_eval_config_keys_are_validated():
   config = _eval_config()
   config.evals.probe.type = "linear"
   with pytest.raises(config_schema.ConfigError, match="evals.probe.type='linear'"):
-    config_schema.validate(config)
+    evaluators.check_config(config)
   config = _eval_config()
   config.evals.probe.holdout_fraction = 1.0
   with pytest.raises(config_schema.ConfigError, match="holdout"):
-    config_schema.validate(config)
+    evaluators.check_config(config)
   config = _eval_config()
   config.evals.probe.weight_decay = 0.1  # the option is weight_decays
   with pytest.raises(config_schema.ConfigError,
                      match=r"'evals.probe.weight_decay' \(did you mean 'weight_decays'\?\)"):
-    config_schema.validate(config)
+    evaluators.check_config(config)
   config = _eval_config()
   config.evals.sort.every_steps = -1
   with pytest.raises(config_schema.ConfigError, match="every_steps=-1"):
-    config_schema.validate(config)
+    evaluators.check_config(config)
   # A config of another name and type is one more evaluation; a bare dict is not one.
   config = _eval_config()
   config.evals.sort_again = evaluators.config("sort", every_steps=3, shuffled_control=False)
-  config_schema.validate(config)
+  evaluators.check_config(config)
   with pytest.raises(config_schema.ConfigError, match="no option 'shuffle'"):
     evaluators.config("sort", shuffle=True)
   config.evals.bare = ml_collections.ConfigDict(dict(records="x"))
   with pytest.raises(config_schema.ConfigError, match="evals.bare must be an evaluation"):
-    config_schema.validate(config)
+    evaluators.check_config(config)
 
 
 @pytest.mark.parametrize("old", ["eval_every_steps", "eval"])

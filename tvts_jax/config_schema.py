@@ -108,18 +108,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.demo = ml_collections.ConfigDict(dict(
       num_train_videos=2_000, num_eval_videos=200, vocab_size=200))
 
-  # Evaluations by name (tvts_jax/evaluators/): `type`, `every_steps` (0: only in
-  # `main.py --mode=eval`) and the options of the type. Record globs left empty fall back to
-  # data.eval_records (held-out TVTS examples) or, with the demo data, to its splits; an
-  # evaluation without data is skipped, and says so.
-  from tvts_jax import evaluators  # pylint: disable=g-import-not-at-top  # (imports this module)
-  c.evals = ml_collections.ConfigDict(dict(
-      sort=evaluators.config("sort", every_steps=2_000),
-      t2v_retrieval=evaluators.config("t2v_retrieval"),
-      probe=evaluators.config("probe"),
-      attentive_probe=evaluators.config("attentive_probe"),
-      v2v_retrieval=evaluators.config("v2v_retrieval"),
-  ))
+  # Evaluations by name, each built with `tvts_jax.evaluators.config(type, ...)`: its `type`,
+  # `every_steps` (0: only in `main.py --mode=eval`) and the options of the type; the shipped
+  # configs take `evaluators.standard()`. Checked by `evaluators.check_config` when a run
+  # starts (the evaluators, not this schema, own their options).
+  c.evals = ml_collections.ConfigDict()
   return c
 
 
@@ -217,8 +210,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       "'tvts_torch:PATH'")
   if config.mesh.fsdp < 1 or (config.mesh.data < 1 and config.mesh.data != -1):
     raise ConfigError(f"mesh={config.mesh}; data is -1 or >= 1 and fsdp >= 1")
-  from tvts_jax import evaluators  # pylint: disable=g-import-not-at-top  # (imports this module)
-  evaluators.check_config(config)
   return config
 
 

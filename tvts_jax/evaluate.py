@@ -89,7 +89,8 @@ def eval_data(config: ml_collections.ConfigDict, workdir: str) -> evaluators.Eva
   d = config.data
   if d.train_records:
     return evaluators.EvalData(heldout=d.eval_records, tokenizer=d.tokenizer)
-  return evaluators.EvalData.from_run(workdir_lib.resolve_data(config, workdir))
+  from tvts_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  return evaluators.EvalData.from_run(input_pipeline.resolve_data(config, workdir))
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
@@ -129,6 +130,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, source: str = "
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   config_schema.validate(config)
+  evaluators.check_config(config)
   tf.io.gfile.makedirs(workdir)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(int(config.data.eval_batch_size or config.batch_size), mesh)

@@ -81,6 +81,36 @@ _MAX_CYCLE = 16  # files read at once: more mixing, more open files and read buf
 # Files.
 
 
+def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+  """Record globs and tokenizer of a run; generates the demo data when no records are set.
+
+  Returns:
+    dict(train=GLOB, eval=GLOB or '', tokenizer=PATH, demo=bool): with empty
+    `data.train_records`, the built-in demo data under `WORKDIR/demo_data` (generated once, by
+    process 0, and read by every host).
+  """
+  d = config.data
+  if d.train_records:
+    if not d.tokenizer:
+      raise ValueError("data.train_records is set but data.tokenizer is not: train one with "
+                       "`python -m data_pipelines.tokenizer`, or pass the tokenizer.json of "
+                       "the pretrained text tower")
+    return {"train": d.train_records, "eval": d.eval_records, "tokenizer": d.tokenizer,
+            "demo": False}
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(workdir, "demo_data")
+  if jax.process_index() == 0:
+    paths = synthetic.ensure_demo_data(config, directory)
+  multihost_utils.sync_global_devices("demo data")
+  if jax.process_index() != 0:
+    paths = synthetic.ensure_demo_data(config, directory)  # exists now: only reads it
+  return {**paths, "demo": True}
+
+
+
+
 def list_files(records_pattern: str | Sequence[str]) -> list[str]:
   """Sorted record files of one or more globs (a comma-separated string or a list).
 

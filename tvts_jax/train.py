@@ -31,8 +31,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from tvts_jax import checkpoint as ckpt_lib
-from tvts_jax import config_schema, losses, optim, sharding
-from tvts_jax import workdir as workdir_lib
+from tvts_jax import config_schema, evaluators, losses, optim, sharding
 from tvts_jax.models import tvts as tvts_model
 
 # Keys of the batch dict the model consumes; the rest (labels) only travel to evaluation.
@@ -173,7 +172,6 @@ def _check_vocab(config, tokenizer_path: str) -> None:
 
 
 def _eval_and_write(evals, params, writer, step) -> dict[str, float]:
-  from tvts_jax import evaluators  # pylint: disable=g-import-not-at-top
   out = evaluators.run(evals, params, log_prefix=f"eval @{step}")
   writer.write_scalars(step, out["metrics"])
   if out["images"]:
@@ -196,10 +194,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   from tvts_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   config_schema.validate(config)
+  evaluators.check_config(config)
   _prepare_workdir(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
-  data = workdir_lib.resolve_data(config, workdir)
+  data = input_pipeline.resolve_data(config, workdir)
   _check_vocab(config, data["tokenizer"])
 
   trainer = Trainer(config, mesh)
@@ -223,7 +222,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config, data["train"], data["tokenizer"], start_step=start_step)
   evals = {}
   if any(e.every_steps for e in config.evals.values()):
-    from tvts_jax import evaluators  # pylint: disable=g-import-not-at-top
     ctx = evaluators.Context(config, mesh, evaluators.ModelFns(config, mesh),
                              evaluators.EvalData.from_run(data))
     evals = evaluators.build(ctx, periodic=True)

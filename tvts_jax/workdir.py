@@ -1,10 +1,9 @@
 """Reading a training workdir: its data, its config check, its parameters, its random baseline.
 
 A workdir (`main.py --workdir=DIR`) holds `config.json` (the config the run used), `checkpoints/`
-(orbax) and, for the built-in demo, `demo_data/`. The trainer, the evaluation (`--mode=eval`)
-and the exporter (`--mode=export`) all read it through this module:
+(orbax) and, for the built-in demo, `demo_data/` (`input_pipeline.resolve_data`). The
+evaluation (`--mode=eval`) and the exporter (`--mode=export`) read it through this module:
 
-- `resolve_data`: the record globs and tokenizer of a run (generating the demo data on first use);
 - `check_workdir_config` / `check_same_model`: the given config builds the model the workdir was
   trained with (parameter-shaping keys only);
 - `restore_params`: the latest checkpoint's parameters, sharded as in training;
@@ -20,7 +19,6 @@ from typing import Any, Iterable
 
 import jax
 import ml_collections
-from jax.experimental import multihost_utils
 
 from tvts_jax import config_schema, sharding
 from tvts_jax.models import tvts as tvts_model
@@ -32,32 +30,6 @@ PARAM_KEYS = ("model",) + DATA_SHAPE_KEYS
 # Change no parameter: how blocks are recomputed, which attention kernel runs (a run trained
 # with 'cudnn' on a GPU, or before 'auto' was the default, evaluates with 'auto' or 'xla').
 _IGNORED_KEYS = ("model.remat", "model.attention")
-
-
-def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-  """Record globs and tokenizer of a run; generates the demo data when no records are set.
-
-  Returns:
-    dict(train=GLOB, eval=GLOB or '', tokenizer=PATH, demo=bool): with empty
-    `data.train_records`, the built-in demo data under `WORKDIR/demo_data` (generated once, by
-    process 0, and read by every host).
-  """
-  d = config.data
-  if d.train_records:
-    if not d.tokenizer:
-      raise ValueError("data.train_records is set but data.tokenizer is not: train one with "
-                       "`python -m data_pipelines.tokenizer`, or pass the tokenizer.json of "
-                       "the pretrained text tower")
-    return {"train": d.train_records, "eval": d.eval_records, "tokenizer": d.tokenizer,
-            "demo": False}
-  from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(workdir, "demo_data")
-  if jax.process_index() == 0:
-    paths = synthetic.ensure_demo_data(config, directory)
-  multihost_utils.sync_global_devices("demo data")
-  if jax.process_index() != 0:
-    paths = synthetic.ensure_demo_data(config, directory)  # exists now: only reads it
-  return {**paths, "demo": True}
 
 
 def _flat_json(tree: Any, prefix: str = "") -> dict[str, Any]:

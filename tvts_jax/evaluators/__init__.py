@@ -4,7 +4,7 @@
 often it runs during training (`every_steps`; 0: only in `main.py --mode=eval`) and the options
 of its type (`REGISTRY[type].OPTIONS`):
 
-    c.evals.sort = evaluators.config("sort", every_steps=500)
+    c.evals = evaluators.standard(sort_every_steps=500)     # what the shipped configs run
     c.evals.ssv2_probe = evaluators.config("probe", train_records=..., test_records=...)
 
 The training loop and `--mode=eval` build the same evaluators (`build`) and run them the same
@@ -67,6 +67,21 @@ def config(kind: str, **overrides: Any) -> ml_collections.ConfigDict:
                                       f"{sorted(options)}")
     options[key] = value
   return ml_collections.ConfigDict(options)
+
+
+def standard(sort_every_steps: int = 0) -> ml_collections.ConfigDict:
+  """The evaluations the shipped configs run: every protocol, under its own name.
+
+  Held-out sorting (with the frame-shuffled control) every `sort_every_steps` training steps;
+  the others in `--mode=eval` only.
+  """
+  return ml_collections.ConfigDict(dict(
+      sort=config("sort", every_steps=sort_every_steps),
+      t2v_retrieval=config("t2v_retrieval"),
+      probe=config("probe"),
+      attentive_probe=config("attentive_probe"),
+      v2v_retrieval=config("v2v_retrieval"),
+  ))
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:

@@ -52,7 +52,7 @@ class EvalData:
 
   @classmethod
   def from_run(cls, data: dict[str, Any]) -> "EvalData":
-    """From `workdir.resolve_data`'s result."""
+    """From `input_pipeline.resolve_data`'s result."""
     demo = bool(data.get("demo"))
     return cls(heldout=data.get("eval") or "",
                labelled_train=data["train"] if demo else "",
