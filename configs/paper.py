@@ -5,7 +5,7 @@
         --config.data.tokenizer=gs://BUCKET/spm.model \
         --config.total_steps=$((20 * NUM_VIDEOS / 768))
 
-Every value is the reference's (`shared/REFERENCE.md`); only the data paths are yours.
+Every value is the reference's (docs/recipe.md); only the data paths are yours.
 """
 from tvts_jax import config_schema, evaluators
 

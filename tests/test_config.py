@@ -112,3 +112,13 @@ def test_replaced_key_on_the_command_line_names_its_replacement(tmp_path):
   assert result.returncode != 0
   assert "'eval_every_steps' was replaced by evals.<name>.every_steps" in result.stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_readme_configuration_reference_is_the_generated_one():
+  """The README's reference is generated from the schema and the evaluators' options."""
+  from tvts_jax import config_reference  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(REPO, "README.md")) as f:
+    text = f.read()
+  assert config_reference.in_readme(text) == config_reference.markdown(), (
+      "the README's configuration reference is stale: run "
+      "`python -m tvts_jax.config_reference --write`")

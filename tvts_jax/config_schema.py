@@ -1,12 +1,19 @@
-"""The configuration schema: every key a config may have, its default, and the checks.
+"""The configuration schema: every key a config may have, its default, its meaning, the checks.
 
-`base_config()` returns the reference recipe (`../shared/REFERENCE.md`); the files in `configs/`
-start from it and override. `validate(config)` is called when a config is loaded (by the trainer,
-the benchmark and the evaluation), so that an unknown key, a typo or an impossible shape is an
-error in the first second of a run rather than an hour into it.
+`KEYS` is the one table of keys: `base_config()` is built from it (the reference TVTS recipe;
+`docs/recipe.md` says where each value comes from) and the README's configuration reference is
+generated from it (`python -m tvts_jax.config_reference`; a test keeps the two equal). The files
+in `configs/` start from `base_config()` and override. `validate(config)` is called when a
+config is loaded (by the trainer, the benchmark, the evaluation and the model itself), so that
+an unknown key, a typo or an impossible shape is an error in the first second of a run rather
+than an hour into it. The evaluations (`config.evals`) are named by the user and own their
+options: `tvts_jax.evaluators.check_config` checks them when a run starts.
 """
 
 from __future__ import annotations
+
+import re
+from typing import Any, Iterator
 
 import ml_collections
 
@@ -16,6 +23,8 @@ SCHEDULES = ("step", "cosine", "constant")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 NONFINITE_POLICIES = ("skip", "stop")
+TEMPORAL_INITS = ("zeros", "normal")
+INIT_KINDS = ("mae", "tvts_torch")
 # Keys that configs used to have, and what replaced them: named in the error instead of "unknown".
 REPLACED_KEYS = {
     "eval_every_steps": "evals.<name>.every_steps (e.g. evals.sort.every_steps)",
@@ -29,91 +38,128 @@ REPLACED_KEYS = {
              "holdout_fraction / steps"),
 }
 
+# (key, default, meaning). `prefix.{a,b,c}` names several keys of one group at once, with a
+# tuple of their defaults. The defaults are the reference recipe (TVTS v1 on 32 V100s).
+KEYS: tuple[tuple[str, Any, str], ...] = (
+    ("seed", 0, "parameters, token keeping and data order"),
+    ("batch_size", 768, "global batch over all devices and hosts (divisible by the device "
+     "count)"),
+    ("total_steps", 20_000, "set to `20 * num_train_videos // batch_size` for the reference's "
+     "20 epochs"),
+    ("{log_every_steps,checkpoint_every_steps}", (50, 1_000), "periods, in steps"),
+    ("keep_checkpoints", 3, "newest checkpoints kept"),
+    ("sort_loss", "softmax_positions", "or `sinkhorn` (log-domain Sinkhorn, NLL of the true "
+     "permutation)"),
+    ("sort_weight", 2.0, "`loss = contrastive + sort_weight * sort`"),
+    ("temperature", 0.05, "contrastive temperature (cosine similarities over the global batch)"),
+    ("sinkhorn.{iters,temperature}", (20, 1.0), "Sinkhorn normalisation"),
+    ("compute_dtype", "float32", "`bfloat16`: bf16 matmuls, fp32 parameters, optimizer state, "
+     "norms, softmax and losses (on CPU also fp32 activations: docs/performance.md)"),
+    ("init_from", "", "`mae:PATH` (ImageNet MAE ViT) or `tvts_torch:PATH` (reference "
+     "checkpoint); applied when a run starts without a checkpoint"),
+    ("nonfinite", "skip", "a non-finite loss/gradient: `skip` the update (counted) or `stop` "
+     "naming the step"),
+    ("mesh.{data,fsdp}", (-1, 1), "device mesh; -1 = all remaining devices"),
+    ("optim.{lr,b1,b2,eps}", (1e-4, 0.9, 0.999, 1e-8), "AdamW"),
+    ("optim.weight_decay", 0.0, "decoupled; never on norms, biases and embeddings"),
+    ("optim.schedule", "step", "`step` (x `decay_factor` at each of `decay_fractions` of "
+     "`total_steps`), `cosine`, `constant`"),
+    ("optim.{decay_fractions,decay_factor}", ((0.6, 0.8), 0.1), "the step schedule: epochs 12 "
+     "and 16 of 20"),
+    ("optim.warmup_steps", 0, "linear warmup"),
+    ("optim.grad_clip_norm", 0.0, "global-norm clipping; 0 = off"),
+    ("model.embed_dim", 256, "contrastive projection"),
+    ("model.remat", "none", "per-block rematerialisation: `none`, `full`, `dots`, "
+     "`dots_no_batch` (on CPU only with `scan_layers=True`)"),
+    ("model.scan_layers", False, "scan over blocks (compile time independent of depth)"),
+    ("model.attention", "auto", "attention kernel: `xla` (every backend), `cudnn` (NVIDIA GPUs, "
+     "bf16), or `auto`: `cudnn` where it can run, else `xla`; the parameters are the same"),
+    ("model.video.{width,depth,num_heads,mlp_dim}", (768, 12, 12, 3072), "ViT-B"),
+    ("model.video.{patch_size,tubelet}", (16, 2), "tubelets of 2x16x16"),
+    ("model.video.keep_ratio", 0.25, "patches kept per sample and temporal slice in training "
+     "(all at evaluation)"),
+    ("model.video.ln_eps", 1e-6, "LayerNorm epsilon"),
+    ("model.video.temporal_init", "zeros", "temporal embedding init: `zeros` (the reference, "
+     "which starts from MAE) or `normal`"),
+    ("model.video.temporal_init_std", 0.02, "std of `normal`; from scratch, the patch "
+     "embeddings' scale (~1) lets the sorter see time from step 0 (the demo uses 1.0)"),
+    ("model.text.{vocab_size,width,depth,num_heads,mlp_dim}", (32_000, 768, 6, 12, 3072),
+     "DistilBERT-sized transcript encoder"),
+    ("model.text.ln_eps", 1e-6, "LayerNorm epsilon"),
+    ("model.sorter.{depth,num_heads,mlp_dim}", (2, 12, 3072), "the sorter (width = video "
+     "width)"),
+    ("model.sorter.ln_eps", 1e-6, "LayerNorm epsilon"),
+    ("data.{train_records,eval_records}", ("", ""), "globs, comma-separated globs or "
+     "directories of shards; empty train = the demo data"),
+    ("data.tokenizer", "", "sentencepiece `.model` (required with your own records; trained "
+     "on the demo data otherwise)"),
+    ("data.num_clips", 4, "K"),
+    ("data.num_frames", 16, "T frames over the whole span"),
+    ("data.{image_size,resize_short}", (224, 268), "crop size; short side the frames are "
+     "resized to"),
+    ("data.{clip_seconds,gap_seconds}", ((3, 4, 5), 1.0), "clip length drawn per example; gap "
+     "between clips"),
+    ("data.text_len", 50, "tokens per transcript (BOS included)"),
+    ("data.{span_tries,min_words_per_clip}", (8, 1), "spans tried for one with words in every "
+     "clip; otherwise `valid=False`"),
+    ("data.shuffle_buffer", 1_000, "examples"),
+    ("data.{eval_batch_size,eval_batches}", (0, 8), "the evaluations' global batch (0 = "
+     "`batch_size`); held-out batches of `sort` and `t2v_retrieval`"),
+    ("data.skip_corrupt_files", True, "a record file cut in the middle is reported and "
+     "skipped past"),
+    ("demo.{num_train_videos,num_eval_videos,vocab_size}", (2_000, 200, 200), "the built-in "
+     "demo data"),
+)
+# Not in KEYS: `evals`, a dict of named evaluations (tvts_jax/evaluators/; their options are
+# the evaluators' own, in the README's reference too).
+
+
+def expand_keys() -> Iterator[tuple[str, Any, str]]:
+  """(dotted key, default, meaning) for every single key of `KEYS`."""
+  for key, default, meaning in KEYS:
+    m = re.fullmatch(r"(.*?)\{([\w,]+)\}", key)
+    if not m:
+      yield key, default, meaning
+      continue
+    names = m.group(2).split(",")
+    if not isinstance(default, tuple) or len(default) != len(names):
+      raise AssertionError(f"{key}: needs a tuple of {len(names)} defaults")
+    for name, value in zip(names, default):
+      yield m.group(1) + name, value, meaning
+
 
 def base_config() -> ml_collections.ConfigDict:
-  """The reference recipe (TVTS v1, 32 V100s); every config starts from this."""
+  """The reference recipe (TVTS v1, 32 V100s), built from `KEYS`; every config starts here."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.batch_size = 768  # global, over all devices and hosts
-  # 20 epochs; set to 20 * num_train_videos // batch_size for your data.
-  c.total_steps = 20_000
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 1_000
-  c.keep_checkpoints = 3
-  c.sort_loss = "softmax_positions"
-  c.sort_weight = 2.0
-  c.temperature = 0.05  # contrastive
-  c.sinkhorn = ml_collections.ConfigDict(dict(iters=20, temperature=1.0))
-  c.compute_dtype = "float32"
-  # '' (random init), 'mae:PATH' (ImageNet MAE ViT), 'tvts_torch:PATH' (reference checkpoint).
-  c.init_from = ""
-  c.nonfinite = "skip"  # a non-finite loss/gradient: skip the update, or stop the run.
-
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
-
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-      schedule="step",  # x decay_factor after each fraction of total_steps
-      decay_fractions=(0.6, 0.8),  # epochs 12 and 16 of 20
-      decay_factor=0.1,
-      warmup_steps=0,
-      grad_clip_norm=0.0,  # 0: no clipping
-  ))
-
-  c.model = ml_collections.ConfigDict(dict(
-      embed_dim=256,  # contrastive projection
-      remat="none",
-      scan_layers=False,
-      # jax.nn.dot_product_attention's implementation: 'xla' (every backend), 'cudnn'
-      # (cuDNN's fused flash attention; NVIDIA GPUs, compute_dtype='bfloat16'), or 'auto':
-      # 'cudnn' where it can run (the model is built for an NVIDIA GPU, bfloat16, head
-      # dimensions cuDNN takes), else 'xla'. The parameters are the same for all three.
-      attention="auto",
-      video=ml_collections.ConfigDict(dict(
-          width=768, depth=12, num_heads=12, mlp_dim=3072,
-          patch_size=16, tubelet=2, keep_ratio=0.25, ln_eps=1e-6,
-          # The reference zero-inits the temporal embedding (it starts from MAE weights). From
-          # scratch, "normal" with a std of the patch embeddings' scale (~1) gives every token a
-          # time signature from step 0; with zeros the sorter must grow it through its own
-          # gradient first and sat at chance for 1000+ steps on the demo (README, The demo).
-          temporal_init="zeros", temporal_init_std=0.02)),
-      text=ml_collections.ConfigDict(dict(
-          vocab_size=32_000, width=768, depth=6, num_heads=12, mlp_dim=3072, ln_eps=1e-6)),
-      sorter=ml_collections.ConfigDict(dict(
-          depth=2, num_heads=12, mlp_dim=3072, ln_eps=1e-6)),
-  ))
-
-  c.data = ml_collections.ConfigDict(dict(
-      # Glob(s) or directories of TFRecord shards written by data_pipelines.prepare. Empty
-      # train_records means: the built-in synthetic demo data, generated into the workdir.
-      train_records="",
-      eval_records="",
-      tokenizer="",  # sentencepiece .model; empty with the demo data: trained on it.
-      num_clips=4,  # K
-      num_frames=16,  # T, over the whole span
-      image_size=224,
-      resize_short=268,
-      clip_seconds=(3, 4, 5),  # one drawn per example
-      gap_seconds=1.0,
-      text_len=50,
-      span_tries=8,  # spans tried per visit for one whose every clip has words
-      min_words_per_clip=1,
-      shuffle_buffer=1_000,
-      eval_batch_size=0,  # 0: batch_size
-      eval_batches=8,
-      skip_corrupt_files=True,  # a truncated record file is reported and skipped
-  ))
-
-  # The synthetic narrated-video world used when data.train_records is empty.
-  c.demo = ml_collections.ConfigDict(dict(
-      num_train_videos=2_000, num_eval_videos=200, vocab_size=200))
-
-  # Evaluations by name, each built with `tvts_jax.evaluators.config(type, ...)`: its `type`,
-  # `every_steps` (0: only in `main.py --mode=eval`) and the options of the type; the shipped
-  # configs take `evaluators.standard()`. Checked by `evaluators.check_config` when a run
-  # starts (the evaluators, not this schema, own their options).
+  for key, default, _ in expand_keys():
+    *groups, name = key.split(".")
+    node = c
+    for group in groups:
+      if group not in node:
+        node[group] = ml_collections.ConfigDict()
+      node = node[group]
+    node[name] = default
+  # Evaluations by name, each built with `tvts_jax.evaluators.config(type, ...)`; the shipped
+  # configs take `evaluators.standard()`.
   c.evals = ml_collections.ConfigDict()
   return c
+
+
+def format_value(value: Any) -> str:
+  """A default as the configuration reference shows it."""
+  if isinstance(value, str):
+    return f"`{value}`" if value else "`''`"
+  return repr(value) if isinstance(value, float) else str(value)
+
+
+def reference_markdown() -> str:
+  """The configuration reference table of the README (every key of `KEYS`)."""
+  rows = ["| key | default | meaning |", "|---|---|---|"]
+  for key, default, meaning in KEYS:
+    several = "{" in key
+    shown = (", ".join(format_value(v) for v in default) if several else format_value(default))
+    rows.append(f"| `{key}` | {shown} | {meaning} |")
+  return "\n".join(rows)
 
 
 class ConfigError(ValueError):
@@ -167,7 +213,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("model.remat", config.model.remat, REMAT_POLICIES)
   _choice("model.attention", config.model.attention, ATTENTION_IMPLEMENTATIONS)
   _choice("nonfinite", config.nonfinite, NONFINITE_POLICIES)
-  _choice("model.video.temporal_init", config.model.video.temporal_init, ("zeros", "normal"))
+  _choice("model.video.temporal_init", config.model.video.temporal_init, TEMPORAL_INITS)
   if not config.model.video.temporal_init_std > 0:
     raise ConfigError("model.video.temporal_init_std must be > 0, got "
                       f"{config.model.video.temporal_init_std}")
@@ -205,9 +251,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"data.text_len={d.text_len} must be at least 2")
   if not d.clip_seconds or min(d.clip_seconds) <= 0:
     raise ConfigError(f"data.clip_seconds={d.clip_seconds} must be positive lengths")
-  if config.init_from and config.init_from.split(":", 1)[0] not in ("mae", "tvts_torch"):
-    raise ConfigError(f"init_from={config.init_from!r}; expected 'mae:PATH' or "
-                      "'tvts_torch:PATH'")
+  if config.init_from and config.init_from.split(":", 1)[0] not in INIT_KINDS:
+    raise ConfigError(f"init_from={config.init_from!r}; expected one of "
+                      f"{[k + ':PATH' for k in INIT_KINDS]}")
   if config.mesh.fsdp < 1 or (config.mesh.data < 1 and config.mesh.data != -1):
     raise ConfigError(f"mesh={config.mesh}; data is -1 or >= 1 and fsdp >= 1")
   return config

@@ -2,16 +2,15 @@
 
 XLA:CPU mallocs a step's temporaries and frees them after the step. glibc serves a block above
 32 MiB (and, in a worker thread's own arena, any block above 64 MiB) with fresh mmap'ed pages,
-so every step page-faults its whole working set in again: 0.55M faults per step of the paper
-config on 2 cores (0 faults with the tuning). One arena that never mmaps and never trims keeps
-the pages for reuse. What that saves depends on the machine: ~10% of the paper step on a loaded
-2-core box, within the noise on the same box when quiet (README, Benchmark).
+so every step page-faults its whole working set in again. One arena that never mmaps and never
+trims keeps the pages for reuse. What that saves depends on the machine and its load
+(docs/performance.md).
 
 Nothing here runs on import: the entry points (`main.py`, `python -m tvts_jax.perf`) call
 `configure(FLAGS.host_malloc)` before JAX creates its CPU client, since the setting only reaches
 the threads that allocate after it. A library user who wants it calls it the same way, first.
 Costs: the process keeps its peak host memory, and compiling is slower (the compiler's threads
-share one arena: about 20 s instead of 12 s for the paper config's step on 2 cores).
+share one arena).
 """
 
 from __future__ import annotations

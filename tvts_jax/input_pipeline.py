@@ -282,7 +282,7 @@ def _decode(jpegs: tf.Tensor, native: tf.Tensor, size: tf.Tensor, offset: tf.Ten
   """Decodes and crops T frames (uint8 [T, S, S, 3])."""
   s, t = o["image_size"], o["num_frames"]
   # T is static: one decode op per frame instead of a map_fn loop lets the executor run the
-  # decodes of one clip side by side and saves the loop's bookkeeping (~20% measured).
+  # decodes of one clip side by side and saves the loop's bookkeeping.
 
   def fast():
     window = tf.stack([offset[0], offset[1], s, s])

@@ -8,8 +8,8 @@ state donated) runs the model, the losses and AdamW -> metrics are fetched every
 The train state is a plain dict `{step, params, opt_state, nonfinite}`; `params` is the model's
 state as a pure nested dict of arrays (`nnx.State.to_pure_dict()`; `nnx.merge(graphdef,
 params)` rebuilds the model inside the step). Plain dicts and optax's namedtuples flatten in
-JAX's C++ pytree code: an `nnx.State` of Variables costs ~4 ms of Python a step to flatten and
-unflatten at the jit boundary (small config, README Benchmark). It is created already
+JAX's C++ pytree code, where an `nnx.State` of Variables costs milliseconds of Python a step to
+flatten and unflatten at the jit boundary (docs/performance.md). It is created already
 sharded: abstract shapes (`jax.eval_shape`) -> shardings by the fsdp rule -> a jitted init
 with those output shardings, so the full parameters never sit on one device.
 """

@@ -84,6 +84,17 @@ def standard(sort_every_steps: int = 0) -> ml_collections.ConfigDict:
   ))
 
 
+def reference_markdown() -> str:
+  """The README's table of every evaluation type's options (defaults and meanings)."""
+  rows = ["| type | option | default | meaning |", "|---|---|---|---|"]
+  for key, (default, meaning) in COMMON_OPTIONS.items():
+    rows.append(f"| every type | `{key}` | {config_schema.format_value(default)} | {meaning} |")
+  for kind, cls in REGISTRY.items():
+    for key, (default, meaning) in cls.OPTIONS.items():
+      rows.append(f"| `{kind}` | `{key}` | {config_schema.format_value(default)} | {meaning} |")
+  return "\n".join(rows)
+
+
 def check_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for an unknown type, an unknown or bad option of `cfg.evals`."""
   for name, options in cfg.evals.items():

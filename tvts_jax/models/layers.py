@@ -219,8 +219,7 @@ def grad_fusion_barrier(x: jax.Array) -> jax.Array:
   The residual stream's gradient at block i sums the contributions of every later block.
   XLA:CPU fused that elementwise sum (LayerNorm backward included) into each of its
   consumers, among them the transposes feeding the weight-gradient matmuls, so every block
-  recomputed the whole chain above it: work quadratic in depth (1.2 s of a 4.7 s step of the
-  paper config). Storing it once per block is what GPUs and TPUs do anyway, and a
+  recomputed the whole chain above it: work quadratic in depth. Storing it once per block is what GPUs and TPUs do anyway, and a
   conditional there would cost a device-host round trip, so only CPU gets the barrier.
   """
   if not platform.on_cpu():
@@ -341,10 +340,9 @@ class BlockStack(nnx.Module):
       return self._apply(x, mask, num_queries)
     # cuDNN's attention takes only even lengths under differentiation. One zero token, a key
     # masked out in every block, makes the whole stack's sequence even: one pad and one slice
-    # instead of padding q, k and v and slicing the output in every block (those pads and
-    # slices were 6.1 of the 201 ms of kernels in a profile of the paper config's bf16 step at
-    # batch 256 on an H200). The extra row's outputs are dropped; the rest is exactly what the
-    # odd-length stack computes.
+    # instead of padding q, k and v and slicing the output in every block (docs/performance.md).
+    # The extra row's outputs are dropped; the rest is exactly what the odd-length stack
+    # computes.
     x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
     mask = jnp.ones((x.shape[0], s), bool) if mask is None else mask
     mask = jnp.pad(mask, ((0, 0), (0, 1)))  # the new key: False

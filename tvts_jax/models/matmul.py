@@ -55,8 +55,8 @@ def _cpu_weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
   folded back into the matmul's dimension numbers (or laid out column-major, the same thing),
   so x^T is written out padded with one zero row, which the compiler materialises as a
   row-major [K+1, M] copy; the product's extra row is dropped.
-  When N < K the smaller g^T is copied instead and the [N, K] product transposed. On the
-  small config: the bf16 step 137 -> 120 ms, the fp32 step 120 -> 109 ms (README, Benchmark).
+  When N < K the smaller g^T is copied instead and the [N, K] product transposed
+  (docs/performance.md has the effect on the step).
   """
   pad = lambda a: jax.lax.pad(a.T, jnp.zeros((), a.dtype), [(0, 1, 0), (0, 0, 0)])
   if g.shape[1] < x.shape[1]:

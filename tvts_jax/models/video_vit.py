@@ -31,8 +31,8 @@ from tvts_jax import config_schema
 from tvts_jax.models import layers, matmul, platform
 
 # ImageNet statistics on the 0..255 scale: the data pipeline ships uint8 frames and the
-# normalisation runs on the device (see DESIGN.md: float conversion on the host was 75% of
-# the input pipeline's time).
+# normalisation runs on the device (converting to float on the host was most of the input
+# pipeline's time: docs/performance.md).
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
 
