@@ -12,7 +12,7 @@ import tensorflow as tf
 import train_process
 from configs import tiny
 from data_pipelines import records
-from tvts_jax import config_schema, evaluate, evaluators, export, input_pipeline
+from tvts_jax import config_schema, evaluate, evaluators, export, labelled
 from tvts_jax import workdir as workdir_lib
 from tvts_jax.evaluators import attentive_probe, probe, retrieval
 
@@ -139,7 +139,7 @@ def _frame_indices(video):
 
 
 def test_labelled_reader_tsn_frames_labels_and_centre_crop(labelled_records):
-  batches = input_pipeline.make_labelled_iterator(_reader_config(), labelled_records,
+  batches = labelled.make_labelled_iterator(_reader_config(), labelled_records,
                                             process_index=0, process_count=1)
   assert len(batches) == 1 and batches.num_examples == 3
   (batch,) = list(batches)
@@ -160,14 +160,14 @@ def test_labelled_reader_hosts_split_the_examples(labelled_records):
   config = _reader_config()
   seen = []
   for host in range(2):
-    batches = input_pipeline.make_labelled_iterator(config, labelled_records, process_index=host,
+    batches = labelled.make_labelled_iterator(config, labelled_records, process_index=host,
                                               process_count=2)
     assert len(batches) == 1  # every host runs the same number of batches
     (batch,) = list(batches)
     assert batch["video"].shape[0] == 2
     seen += list(batch["label"][batch["valid"]])
   assert sorted(seen) == [1, 3, 5]
-  capped = input_pipeline.make_labelled_iterator(config, labelled_records, max_examples=2,
+  capped = labelled.make_labelled_iterator(config, labelled_records, max_examples=2,
                                            process_index=0, process_count=1)
   (batch,) = list(capped)
   np.testing.assert_array_equal(batch["label"][batch["valid"]], [3, 5])

@@ -11,7 +11,7 @@ from configs import tiny
 from data_pipelines import records
 from data_pipelines import synthetic
 from data_pipelines import tokenizer
-from tvts_jax import input_pipeline
+from tvts_jax import input_pipeline, sampling
 
 FPS = 10.0
 WORD_DT = 0.25  # hand-made records: one word every WORD_DT seconds, named by its index
@@ -84,8 +84,8 @@ def _assert_batches_equal(a, b):
 
 
 def _sample(record, config, seed):
-  opts = input_pipeline._options(config)  # pylint: disable=protected-access
-  out = input_pipeline.sample_example(records.parse(tf.constant(records.serialize(record))),
+  opts = sampling.options(config)  # pylint: disable=protected-access
+  out = sampling.sample_example(records.parse(tf.constant(records.serialize(record))),
                                       tf.constant([seed, 7], tf.int64), opts)
   return {k: v.numpy() for k, v in out.items()}
 

@@ -162,7 +162,7 @@ class AttentiveProbe(common.Evaluator):
       yield from self._encoded(params, records)
 
   def run(self, params: Any) -> Iterator[tuple[str, Any]]:
-    from tvts_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    from tvts_jax import labelled  # pylint: disable=g-import-not-at-top
     o, data, config = self.options, self.ctx.data, self.ctx.config
     train = self.records("train_records", data.labelled_train)
     test = self.records("test_records", data.labelled_test)
@@ -170,7 +170,7 @@ class AttentiveProbe(common.Evaluator):
         params, ("tokens", test, int(o.max_examples)),
         lambda: tuple(np.concatenate(a) for a in zip(*self._encoded(params, test))))
     num_classes = 1 + int(max(
-        input_pipeline.labelled_example_labels(train, max_examples=o.max_examples).max(),
+        labelled.labelled_example_labels(train, max_examples=o.max_examples).max(),
         test_y.max()))
     width = test_x.shape[-1]
     heads = int(o.num_heads) or int(config.model.video.num_heads)

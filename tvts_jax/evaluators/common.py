@@ -189,10 +189,10 @@ class Evaluator:
   # Shared readers -------------------------------------------------------------------------
 
   def labelled_batches(self, records: str, max_examples: int = 0):
-    """Global batches of labelled videos (`input_pipeline.make_labelled_iterator`)."""
-    from tvts_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    """Global batches of labelled videos (`labelled.make_labelled_iterator`)."""
+    from tvts_jax import labelled  # pylint: disable=g-import-not-at-top
     ctx = self.ctx
-    for local in input_pipeline.make_labelled_iterator(ctx.config, records,
+    for local in labelled.make_labelled_iterator(ctx.config, records,
                                                        max_examples=int(max_examples)):
       yield sharding.global_batch(local, ctx.mesh)
 

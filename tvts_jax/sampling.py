@@ -1,0 +1,191 @@
+"""One TVTS example from one parsed record: span, clips, transcripts, frames, crop.
+
+`sample_example(record, key, options)` is a pure function of the record and a stateless seed,
+so the training and evaluation streams (`input_pipeline`) reproduce any example from (seed,
+host, epoch, position) alone.
+
+- Clip length L drawn uniformly from `clip_seconds` among the lengths whose span
+  `K * L + (K - 1) * gap_seconds` fits in the video; span start uniform in
+  [0, duration - span] (a continuous start: the reference's whole-second start plus sub-second
+  jitter, kept inside the video). Clip i covers [start + i (L + gap), ... + L).
+- Transcript i: the words whose START time lies in clip i, joined by spaces.
+- Up to `span_tries` spans are drawn; the first whose every clip has >= `min_words_per_clip`
+  words is used. If none has (or no length fits), the example is emitted with valid=False and
+  a black video, so the stream stays one example per record visit.
+- Frames: the span is cut into T equal segments; one uniform random time per segment; the
+  stored frame nearest to it (chronological). Only those T JPEGs are decoded.
+- One random image_size^2 crop shared by all frames. Frames stored with short side ==
+  resize_short are decoded with `decode_and_crop_jpeg` (only the crop is decoded); others are
+  decoded, resized to short side resize_short (bilinear, antialiased) and cropped. No flip.
+- The transcripts are shuffled by a random permutation `order`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+
+
+def options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  d = config.data
+  return dict(num_clips=int(d.num_clips), num_frames=int(d.num_frames),
+              image_size=int(d.image_size), resize_short=int(d.resize_short),
+              clip_seconds=tuple(float(s) for s in d.clip_seconds),
+              gap_seconds=float(d.gap_seconds), span_tries=max(1, int(d.span_tries)),
+              min_words=int(d.min_words_per_clip))
+
+
+def _first_true(x: tf.Tensor) -> tf.Tensor:
+  """Index of the first True of a bool vector (its length if none)."""
+  n = tf.size(x)
+  return tf.reduce_min(tf.where(x, tf.range(n), n))
+
+
+def _choose_span(ex: dict[str, tf.Tensor], keys: tf.Tensor, o: dict[str, Any]):
+  """Draws `span_tries` spans at once and keeps the first whose every clip has enough words.
+
+  Returns:
+    (valid, clip_starts [K], clip_len, inside [K, num_words] word-in-clip mask).
+  """
+  k, tries = o["num_clips"], o["span_tries"]
+  duration = ex["duration"]
+  choices = tf.constant(o["clip_seconds"], tf.float32)
+  fits = k * choices + (k - 1) * o["gap_seconds"] <= duration
+  num_fit = tf.reduce_sum(tf.cast(fits, tf.int32))
+  # A placeholder length where none fits keeps the shapes; such examples are invalid anyway.
+  fitting = tf.concat([tf.boolean_mask(choices, fits), choices[:1]], 0)
+  pick = tf.random.stateless_uniform([tries], keys[0])
+  pick = tf.minimum(tf.cast(pick * tf.cast(tf.maximum(num_fit, 1), tf.float32), tf.int32),
+                    tf.maximum(num_fit, 1) - 1)
+  clip_len = tf.gather(fitting, pick)  # [tries]
+  span = k * clip_len + (k - 1) * o["gap_seconds"]
+  start = tf.random.stateless_uniform([tries], keys[1]) * tf.maximum(duration - span, 0.0)
+  clip_starts = start[:, None] + tf.range(k, dtype=tf.float32)[None] * (
+      clip_len + o["gap_seconds"])[:, None]  # [tries, K]
+  clip_ends = clip_starts + clip_len[:, None]
+  word_times = ex["word_starts"]
+  inside = ((word_times[None, None, :] >= clip_starts[..., None]) &
+            (word_times[None, None, :] < clip_ends[..., None]))  # [tries, K, words]
+  counts = tf.reduce_sum(tf.cast(inside, tf.int32), -1)
+  ok = tf.reduce_all(counts >= o["min_words"], -1) & (num_fit > 0)
+  chosen = tf.minimum(_first_true(ok), tries - 1)
+  return tf.reduce_any(ok), clip_starts[chosen], clip_len[chosen], inside[chosen]
+
+
+def _clip_labels(ex: dict[str, tf.Tensor], clip_starts: tf.Tensor,
+                 clip_len: tf.Tensor) -> tf.Tensor:
+  """Label of the segment overlapping each clip the most; -1 where none overlaps."""
+  # A zero-length dummy segment keeps argmax defined when a record has no segments.
+  labels = tf.concat([tf.cast(ex["segment_labels"], tf.int32), [-1]], 0)
+  seg_starts = tf.concat([ex["segment_starts"], [-1.0]], 0)
+  seg_ends = tf.concat([ex["segment_ends"], [-1.0]], 0)
+  clip_ends = clip_starts + clip_len
+  overlap = tf.maximum(
+      tf.minimum(clip_ends[:, None], seg_ends[None]) -
+      tf.maximum(clip_starts[:, None], seg_starts[None]), 0.0)  # [K, segments]
+  best = tf.argmax(overlap, axis=1, output_type=tf.int32)
+  return tf.where(tf.reduce_max(overlap, 1) > 0, tf.gather(labels, best), -1)
+
+
+def crop_window(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any]):
+  """Size after resizing to short side resize_short, and a random crop offset in it."""
+  height, width = tf.cast(ex["height"], tf.int32), tf.cast(ex["width"], tf.int32)
+  short = tf.minimum(height, width)
+  target = o["resize_short"]
+  scale = target / tf.cast(short, tf.float64)
+  new_h = tf.where(height == short, target,
+                   tf.cast(tf.round(tf.cast(height, tf.float64) * scale), tf.int32))
+  new_w = tf.where(width == short, target,
+                   tf.cast(tf.round(tf.cast(width, tf.float64) * scale), tf.int32))
+  u = tf.random.stateless_uniform([2], key)
+  room = tf.stack([new_h, new_w]) - o["image_size"] + 1
+  offset = tf.minimum(tf.cast(u * tf.cast(room, tf.float32), tf.int32), room - 1)
+  return short == target, tf.stack([new_h, new_w]), offset
+
+
+def decode_frames(jpegs: tf.Tensor, native: tf.Tensor, size: tf.Tensor, offset: tf.Tensor,
+            o: dict[str, Any]) -> tf.Tensor:
+  """Decodes and crops T frames (uint8 [T, S, S, 3])."""
+  s, t = o["image_size"], o["num_frames"]
+  # T is static: one decode op per frame instead of a map_fn loop lets the executor run the
+  # decodes of one clip side by side and saves the loop's bookkeeping.
+
+  def fast():
+    window = tf.stack([offset[0], offset[1], s, s])
+    return tf.stack([tf.image.decode_and_crop_jpeg(jpegs[i], window, channels=3)
+                     for i in range(t)])
+
+  def slow():
+    def one(jpeg):
+      image = tf.image.decode_jpeg(jpeg, channels=3)
+      image = tf.image.resize(image, size, method="bilinear", antialias=True)
+      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+      return image[offset[0]:offset[0] + s, offset[1]:offset[1] + s]
+    return tf.stack([one(jpegs[i]) for i in range(t)])
+
+  return tf.cond(native, fast, slow)
+
+
+def sample_example(ex: dict[str, tf.Tensor], key: tf.Tensor,
+                   o: dict[str, Any]) -> dict[str, tf.Tensor]:
+  """Samples one example from a parsed record with a stateless key.
+
+  Args:
+    ex: a record parsed by `records.parse`.
+    key: int64 [2] stateless seed.
+    o: sampling options (`options(config)`).
+
+  Returns:
+    dict with `video`, `texts` (string [K], shuffled), `order`, `valid`, `clip_labels`,
+    `label`, and for inspection `clip_texts` (string [K], in time order), `span_start`,
+    `clip_len`, `clip_starts` [K], `frame_index` [T] and `crop` [2] (y, x offset after resize).
+  """
+  k, t, s = o["num_clips"], o["num_frames"], o["image_size"]
+  keys = tf.random.experimental.stateless_split(key, num=5)
+  valid, clip_starts, clip_len, inside = _choose_span(ex, keys[:2], o)
+  num_frames = tf.size(ex["frames"])
+  valid &= num_frames > 0
+
+  words = tf.tile(ex["words"][None], [k, 1])
+  clip_texts = tf.strings.reduce_join(tf.ragged.boolean_mask(words, inside), axis=1,
+                                      separator=" ")
+  order = tf.argsort(tf.random.stateless_uniform([k], keys[2]))
+
+  span = k * clip_len + (k - 1) * o["gap_seconds"]
+  span_start = clip_starts[0]
+  times = span_start + (tf.range(t, dtype=tf.float32) +
+                        tf.random.stateless_uniform([t], keys[3])) * (span / t)
+  # An infinitely distant sentinel keeps argmin defined for a record without frames (such an
+  # example is invalid and decodes nothing).
+  frame_times = tf.concat([ex["frame_times"], [np.inf]], 0)
+  frame_index = tf.argmin(tf.abs(frame_times[None, :] - times[:, None]), axis=1,
+                          output_type=tf.int32)
+  native, size, offset = crop_window(ex, keys[4], o)
+  video = tf.cond(
+      valid,
+      lambda: decode_frames(tf.gather(ex["frames"], frame_index), native, size, offset, o),
+      lambda: tf.zeros([t, s, s, 3], tf.uint8))
+  return dict(
+      video=tf.ensure_shape(video, [t, s, s, 3]),
+      texts=tf.gather(clip_texts, order),
+      order=order,
+      valid=valid,
+      clip_labels=_clip_labels(ex, clip_starts, clip_len),
+      label=tf.cast(ex["label"], tf.int32),
+      clip_texts=clip_texts,
+      span_start=span_start,
+      clip_len=clip_len,
+      clip_starts=clip_starts,
+      frame_index=frame_index,
+      crop=offset)
+
+
+def padding_example(o: dict[str, Any]) -> dict[str, tf.Tensor]:
+  k, t, s = o["num_clips"], o["num_frames"], o["image_size"]
+  return dict(video=tf.zeros([t, s, s, 3], tf.uint8), texts=tf.fill([k], ""),
+              order=tf.range(k, dtype=tf.int32), valid=tf.constant(False),
+              clip_labels=tf.fill([k], -1), label=tf.constant(-1))
