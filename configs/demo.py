@@ -26,7 +26,8 @@ def get_config():
                        # From scratch, a time signature of the patch embeddings' scale is what
                        # lets the sorter leave chance early (zeros: chance for 1000+ steps).
                        temporal_init="normal", temporal_init_std=1.0)
-  c.model.text.update(vocab_size=256, width=128, depth=2, num_heads=4, mlp_dim=512)
+  c.model.text.update(arch="tvts", vocab_size=256, max_positions=0, ln_eps=1e-6, width=128,
+                      depth=2, num_heads=4, mlp_dim=512)
   c.model.sorter.update(depth=2, num_heads=4, mlp_dim=512)
 
   c.data.update(num_frames=8, image_size=64, resize_short=64, clip_seconds=(2, 3),

@@ -1,11 +1,13 @@
-"""The reference TVTS recipe (ViT-B/16, 16x224^2, K=4, batch 768, AdamW 1e-4, step decay).
+"""The reference TVTS recipe: ViT-B/16 from ImageNet MAE, DistilBERT, 16x224^2, K=4, batch 768.
 
     python main.py --config=configs/paper.py --workdir=gs://BUCKET/tvts \
-        --config.data.train_records=gs://BUCKET/yttemporal/train-* \
-        --config.data.tokenizer=gs://BUCKET/spm.model \
+        --config.init_from=mae:/w/mae_pretrain_vit_base.pth,distilbert:/w/distilbert-base-uncased \
+        --config.data.tokenizer=/w/distilbert-base-uncased/tokenizer.json \
+        --config.data.train_records='gs://BUCKET/yttemporal/train-*' \
         --config.total_steps=$((20 * NUM_VIDEOS / 768))
 
-Every value is the reference's (docs/recipe.md); only the data paths are yours.
+Every value is the reference's (docs/recipe.md says where ours departs); the starting points
+(README, "The paper's recipe") and the data paths are yours.
 """
 from tvts_jax import config_schema, evaluators
 

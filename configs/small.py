@@ -8,7 +8,8 @@ def get_config():
   c.batch_size = 8
   c.model.video.update(width=192, depth=4, num_heads=3, mlp_dim=768, patch_size=16,
                        tubelet=2, keep_ratio=0.25)
-  c.model.text.update(width=192, depth=2, num_heads=3, mlp_dim=768)
+  c.model.text.update(arch="tvts", vocab_size=32_000, max_positions=0, ln_eps=1e-6, width=192,
+                      depth=2, num_heads=3, mlp_dim=768)
   c.model.sorter.update(depth=2, num_heads=3, mlp_dim=768)
   c.data.update(num_frames=8, image_size=112, resize_short=128)
   return c

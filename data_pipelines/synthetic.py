@@ -432,7 +432,7 @@ def ensure_demo_data(config, directory: str, verbose: bool = True) -> dict[str, 
   paths = _demo_paths(tmp)
   tokenizer.train(transcripts, options["vocab_size"], paths["tokenizer"])
   if verbose:
-    print(f"demo data: tokenizer with {tokenizer.Tokenizer(paths['tokenizer']).vocab_size} "
+    print(f"demo data: tokenizer with {tokenizer.load(paths['tokenizer']).vocab_size} "
           "pieces", flush=True)
   # Written last: its presence (with these options) is what marks the set as complete.
   with tf.io.gfile.GFile(os.path.join(tmp, _DEMO_MARKER), "w") as f:

@@ -351,11 +351,17 @@ class _TVTS(nn.Module):
 
   def __init__(self, c):
     super().__init__()
-    v, s = c.model.video, c.model.sorter
+    v, s, t = c.model.video, c.model.sorter, c.model.text
     grid = (c.data.image_size // v.patch_size) ** 2
     self.video_model = _VideoModel(v.width, v.depth, v.num_heads, v.mlp_dim, v.tubelet,
                                    v.patch_size, grid, c.data.num_frames // v.tubelet)
-    self.text_model = nn.Embedding(10, c.model.text.width)  # stands for DistilBERT: not mapped
+    if t.arch == "distilbert":  # the reference's: transformers' AutoModel of DistilBERT
+      import transformers  # pylint: disable=g-import-not-at-top
+      self.text_model = transformers.DistilBertModel(transformers.DistilBertConfig(
+          vocab_size=t.vocab_size, dim=t.width, n_layers=t.depth, n_heads=t.num_heads,
+          hidden_dim=t.mlp_dim, max_position_embeddings=t.max_positions)).eval()
+    else:
+      self.text_model = nn.Embedding(10, t.width)  # stands for DistilBERT: not mapped
     self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(c.model.text.width, c.model.embed_dim))
     self.vid_proj = nn.Sequential(nn.Linear(v.width, c.model.embed_dim))
     self.pred_model = _SortTransformer(v.width, s.depth, s.num_heads, s.mlp_dim,
@@ -430,3 +436,40 @@ def test_tvts_torch_reports_the_text_model_and_rejects_unknown_keys(tmp_path):
 def test_unknown_init_from_kind():
   with pytest.raises(convert.ConversionError, match="mae:PATH"):
     convert.parse_init_from("clip:/x.pth")
+
+
+def test_a_reference_checkpoint_with_its_distilbert_loads_whole(tmp_path):
+  """Video tower, DistilBERT, sorter and projections: our text features and sort logits equal
+  the PyTorch model's on the same inputs."""
+  pytest.importorskip("transformers")
+  config = _config()
+  config.model.sorter.depth = 2
+  config.model.text.update(arch="distilbert", vocab_size=40, max_positions=16, ln_eps=1e-12)
+  ref = _reference(config)
+  pth, _ = _save(tmp_path, _DDP(ref).state_dict(), "tvts", wrap="state_dict")
+  config.init_from = f"tvts_torch:{pth}"
+  model = tvts_model.build_model(config)
+  graphdef, params = nnx.split(model)
+  reports = []
+  model = nnx.merge(graphdef, convert.load_init(config, params, reports))
+  (_, report), = reports
+  assert not report.skipped and report.kept_init == []  # all of it, nothing left at init
+
+  rng = np.random.default_rng(0)
+  video = rng.integers(0, 256, (2, 4, 32, 32, 3)).astype(np.uint8)
+  ids = rng.integers(5, 40, (2, 4, 8)).astype(np.int32)
+  mask = np.arange(8) < rng.integers(1, 9, (2, 4, 1))
+  ids = np.where(mask, ids, 0).astype(np.int32)
+  out = model(jnp.asarray(video), jnp.asarray(ids), jnp.asarray(mask))
+  with torch.no_grad():
+    x = torch.from_numpy(((video - MEAN) / STD).astype(np.float32).transpose(0, 4, 1, 2, 3))
+    tokens = ref.video_model(x)
+    text = ref.text_model(input_ids=torch.from_numpy(ids.reshape(8, 8)).long(),
+                          attention_mask=torch.from_numpy(mask.reshape(8, 8)).long())
+    text = text.last_hidden_state[:, 0].reshape(2, 4, -1)
+    logits = ref.pred_model(text, tokens)
+    text_emb = ref.txt_proj(text).mean(1)
+  np.testing.assert_allclose(out["text_features"], text.numpy(), atol=1e-5)
+  np.testing.assert_allclose(out["sort_logits"], logits.numpy(), atol=1e-4, rtol=1e-4)
+  text_emb = text_emb.numpy() / np.linalg.norm(text_emb.numpy(), axis=-1, keepdims=True)
+  np.testing.assert_allclose(out["text_emb"], text_emb, atol=1e-5)

@@ -120,6 +120,33 @@ def test_full_export_loads_the_whole_model(model_and_config, tmp_path):
     export.load_model(encoder_only)
 
 
+def test_full_export_carries_its_tokenizer_and_embeds_text(model_and_config, tmp_path):
+  from data_pipelines import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  model, config = model_and_config
+  sentences = [f"the {c} {s} moves left" for c in ("red", "blue", "green")
+               for s in ("circle", "square")] * 4
+  spm = tok_lib.train(sentences, 48, str(tmp_path / "run" / "spm.model"))
+  path = str(tmp_path / "out" / "tvts.npz")
+  export.export_params(config, nnx.state(model), path, full=True, tokenizer_path=spm)
+  assert os.path.exists(path + ".tokenizer.model")
+  assert export.read_export(path)[0]["tokenizer"] == "tvts.npz.tokenizer.model"
+  loaded = export.load_model(path)
+  texts = ["the red circle moves left", "um the blue square"]
+  ids, mask = tok_lib.load(spm).encode(texts, config.data.text_len)
+  features = model.encode_text(ids[:, None], mask[:, None])
+  np.testing.assert_allclose(loaded.text_features(texts), features[:, 0], atol=1e-6)
+  np.testing.assert_allclose(loaded.embed_text(texts), model.text_embedding(features),
+                             atol=1e-6)
+  video = _video(config)
+  emb = loaded.embed_video(video)
+  np.testing.assert_allclose(emb, model.video_embedding(model.video_features(video)), atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-5)
+  # A copy without its tokenizer says what is missing.
+  os.remove(path + ".tokenizer.model")
+  with pytest.raises(export.ExportError, match="tokenizer .*tvts.npz.tokenizer.model is missing"):
+    export.load_model(path)
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
 def test_truncated_file_is_a_clear_error(model_and_config, tmp_path, suffix):
   model, config = model_and_config

@@ -202,7 +202,7 @@ def test_transcripts_in_batch_are_permuted_by_order(data, tmp_path):
   c = _config(text_len=64, clip_seconds=(1.5,), gap_seconds=0.5)
   batch = next(input_pipeline.make_train_iterator(c, path, data["tokenizer"],
                                                   process_index=0, process_count=1))
-  tok = tokenizer.Tokenizer(data["tokenizer"])
+  tok = tokenizer.load(data["tokenizer"])
   for b in range(8):
     by_clip = {}
     for k in range(4):

@@ -164,7 +164,7 @@ def test_ensure_demo_data_is_idempotent(tmp_path, capsys):
   assert len(glob.glob(paths["train"])) >= 1 and len(glob.glob(paths["eval"])) >= 1
   assert sum(1 for _ in tf.data.TFRecordDataset(glob.glob(paths["train"]))) == 8
   assert sum(1 for _ in tf.data.TFRecordDataset(glob.glob(paths["eval"]))) == 4
-  tok = tokenizer.Tokenizer(paths["tokenizer"])
+  tok = tokenizer.load(paths["tokenizer"])
   ids, _ = tok.encode(["the red circle moves left"], 16)
   assert tokenizer.UNK_ID not in ids
   info = records.read_info(os.path.dirname(paths["train"]))

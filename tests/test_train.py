@@ -48,8 +48,10 @@ def test_state_is_created_sharded_over_fsdp():
   assert any("fsdp" in tuple(s) for s in mu_specs)
 
 
-def test_step_on_1_and_8_devices_agree():
+@pytest.mark.parametrize("text_arch", ["tvts", "distilbert"])
+def test_step_on_1_and_8_devices_agree(text_arch):
   config = tiny.get_config()
+  config.model.text.update(arch=text_arch, max_positions=16 if text_arch == "distilbert" else 0)
   # Some directions have a true gradient of exactly zero (the attention key bias: softmax is
   # shift invariant), so their computed gradient is rounding noise, which Adam with a tiny eps
   # scales up to +-lr differently on every mesh. A larger eps keeps those updates negligible

@@ -24,7 +24,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 NONFINITE_POLICIES = ("skip", "stop")
 TEMPORAL_INITS = ("zeros", "normal")
-INIT_KINDS = ("mae", "tvts_torch")
+INIT_KINDS = ("mae", "distilbert", "tvts_torch")
+TEXT_ARCHS = ("tvts", "distilbert")  # model.text.arch (tvts_jax/models/text_tower.py)
 # Keys that configs used to have, and what replaced them: named in the error instead of "unknown".
 REPLACED_KEYS = {
     "eval_every_steps": "evals.<name>.every_steps (e.g. evals.sort.every_steps)",
@@ -55,8 +56,9 @@ KEYS: tuple[tuple[str, Any, str], ...] = (
     ("sinkhorn.{iters,temperature}", (20, 1.0), "Sinkhorn normalisation"),
     ("compute_dtype", "float32", "`bfloat16`: bf16 matmuls, fp32 parameters, optimizer state, "
      "norms, softmax and losses (on CPU also fp32 activations: docs/performance.md)"),
-    ("init_from", "", "`mae:PATH` (ImageNet MAE ViT) or `tvts_torch:PATH` (reference "
-     "checkpoint); applied when a run starts without a checkpoint"),
+    ("init_from", "", "comma-separated `KIND:PATH` sources applied in order when a run starts "
+     "without a checkpoint: `mae:` (ImageNet MAE ViT), `distilbert:` (a Hugging Face "
+     "DistilBERT folder or file), `tvts_torch:` (a reference TVTS checkpoint)"),
     ("nonfinite", "skip", "a non-finite loss/gradient: `skip` the update (counted) or `stop` "
      "naming the step"),
     ("mesh.{data,fsdp}", (-1, 1), "device mesh; -1 = all remaining devices"),
@@ -83,23 +85,27 @@ KEYS: tuple[tuple[str, Any, str], ...] = (
      "which starts from MAE) or `normal`"),
     ("model.video.temporal_init_std", 0.02, "std of `normal`; from scratch, the patch "
      "embeddings' scale (~1) lets the sorter see time from step 0 (the demo uses 1.0)"),
-    ("model.text.{vocab_size,width,depth,num_heads,mlp_dim}", (32_000, 768, 6, 12, 3072),
-     "DistilBERT-sized transcript encoder"),
-    ("model.text.ln_eps", 1e-6, "LayerNorm epsilon"),
+    ("model.text.arch", "distilbert", "the transcript encoder: `distilbert` (post-LN, "
+     "embedding LayerNorm, [CLS] read-out: the reference's) or `tvts` (pre-LN, BOS read-out)"),
+    ("model.text.{vocab_size,width,depth,num_heads,mlp_dim}", (30_522, 768, 6, 12, 3072),
+     "distilbert-base-uncased"),
+    ("model.text.max_positions", 512, "rows of the position table; 0 = `data.text_len`"),
+    ("model.text.ln_eps", 1e-12, "LayerNorm epsilon"),
     ("model.sorter.{depth,num_heads,mlp_dim}", (2, 12, 3072), "the sorter (width = video "
      "width)"),
     ("model.sorter.ln_eps", 1e-6, "LayerNorm epsilon"),
     ("data.{train_records,eval_records}", ("", ""), "globs, comma-separated globs or "
      "directories of shards; empty train = the demo data"),
-    ("data.tokenizer", "", "sentencepiece `.model` (required with your own records; trained "
-     "on the demo data otherwise)"),
+    ("data.tokenizer", "", "a sentencepiece `.model` or a Hugging Face `tokenizer.json` (the "
+     "pretrained text tower's own; required with your own records, trained on the demo data "
+     "otherwise)"),
     ("data.num_clips", 4, "K"),
     ("data.num_frames", 16, "T frames over the whole span"),
     ("data.{image_size,resize_short}", (224, 268), "crop size; short side the frames are "
      "resized to"),
     ("data.{clip_seconds,gap_seconds}", ((3, 4, 5), 1.0), "clip length drawn per example; gap "
      "between clips"),
-    ("data.text_len", 50, "tokens per transcript (BOS included)"),
+    ("data.text_len", 50, "tokens per transcript (the read-out token included)"),
     ("data.{span_tries,min_words_per_clip}", (8, 1), "spans tried for one with words in every "
      "clip; otherwise `valid=False`"),
     ("data.shuffle_buffer", 1_000, "examples"),
@@ -110,6 +116,10 @@ KEYS: tuple[tuple[str, Any, str], ...] = (
     ("demo.{num_train_videos,num_eval_videos,vocab_size}", (2_000, 200, 200), "the built-in "
      "demo data"),
 )
+# Configs written before a key existed had these values for it (where today's default differs),
+# so that an older workdir or export still builds the model it was trained with.
+LEGACY_DEFAULTS = {"model.text.arch": "tvts", "model.text.max_positions": 0}
+
 # Not in KEYS: `evals`, a dict of named evaluations (tvts_jax/evaluators/; their options are
 # the evaluators' own, in the README's reference too).
 
@@ -213,6 +223,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("model.remat", config.model.remat, REMAT_POLICIES)
   _choice("model.attention", config.model.attention, ATTENTION_IMPLEMENTATIONS)
   _choice("nonfinite", config.nonfinite, NONFINITE_POLICIES)
+  _choice("model.text.arch", config.model.text.arch, TEXT_ARCHS)
   _choice("model.video.temporal_init", config.model.video.temporal_init, TEMPORAL_INITS)
   if not config.model.video.temporal_init_std > 0:
     raise ConfigError("model.video.temporal_init_std must be > 0, got "
@@ -249,14 +260,30 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"model.attention='cudnn': {problem}")  # 'auto' falls back to 'xla'
   if d.text_len < 2:
     raise ConfigError(f"data.text_len={d.text_len} must be at least 2")
+  positions = config.model.text.max_positions
+  if positions < 0 or (positions and d.text_len > positions):
+    raise ConfigError(f"data.text_len={d.text_len} exceeds model.text.max_positions="
+                      f"{positions}, the text tower's position table (0: as long as text_len)")
   if not d.clip_seconds or min(d.clip_seconds) <= 0:
     raise ConfigError(f"data.clip_seconds={d.clip_seconds} must be positive lengths")
-  if config.init_from and config.init_from.split(":", 1)[0] not in INIT_KINDS:
-    raise ConfigError(f"init_from={config.init_from!r}; expected one of "
-                      f"{[k + ':PATH' for k in INIT_KINDS]}")
+  for kind, path in init_sources(config.init_from):
+    if kind not in INIT_KINDS or not path:
+      raise ConfigError(f"init_from={config.init_from!r}: {kind + ':' + path!r} is not one of "
+                        f"{[k + ':PATH' for k in INIT_KINDS]} (comma-separated, applied in order)")
   if config.mesh.fsdp < 1 or (config.mesh.data < 1 and config.mesh.data != -1):
     raise ConfigError(f"mesh={config.mesh}; data is -1 or >= 1 and fsdp >= 1")
   return config
+
+
+def init_sources(init_from: str) -> list[tuple[str, str]]:
+  """'mae:/a.pth,distilbert:/b' -> [('mae', '/a.pth'), ('distilbert', '/b')].
+
+  A comma starts a new source only when a `KIND:` follows it, so paths may hold commas.
+  """
+  if not init_from.strip():
+    return []
+  parts = re.split(r",(?=\s*\w+:)", init_from)
+  return [tuple(p.strip().partition(":")[::2]) for p in parts]  # type: ignore[misc]
 
 
 def num_tokens_per_slice(config) -> int:

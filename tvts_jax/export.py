@@ -6,6 +6,8 @@
     import tvts_jax
     encoder = tvts_jax.load_video_encoder("encoder.safetensors")
     features = encoder.embed(video)        # uint8 [B, T, H, W, 3] -> float32 [B, D] (CLS)
+    model = tvts_jax.load_model("tvts.npz")               # an --export_full file
+    scores = model.embed_text(["he cuts the onion"]) @ model.embed_video(video).T
 
 File format (version 1). One file holds the parameters, keyed by their path in the model's
 parameter tree in the list layout (`video/blocks/layers/0/attn/qkv/kernel`, whatever
@@ -18,7 +20,9 @@ every parameter's shape) is written next to the file as `FILE.json` for people a
 the loader reads the embedded copy, and falls back to `FILE.json` for a file without one.
 
 `video_encoder` holds the `video/...` parameters only; `full` (`--export_full`) holds the whole
-TVTS model (text tower, sorter, projections) and loads with `load_model`.
+TVTS model (text tower, sorter, projections) and loads with `load_model`; the run's tokenizer is
+copied beside it (`FILE.tokenizer.json` or `FILE.tokenizer.model`, named in the metadata's
+`tokenizer`), so the loaded model embeds text as well as video.
 
 This module imports neither orbax, TensorFlow nor the trainer (only `export_checkpoint`, which
 reads a training workdir, does so lazily).
@@ -30,7 +34,7 @@ import json
 import os
 import struct
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -152,8 +156,14 @@ def write_export(path: str, flat: Mapping[str, np.ndarray], metadata: Mapping[st
   return path
 
 
+def tokenizer_file(path: str, tokenizer_path: str) -> str:
+  """Where a full export keeps its tokenizer: `FILE.tokenizer.json` or `FILE.tokenizer.model`."""
+  return path + ".tokenizer" + (".json" if tokenizer_path.endswith(".json") else ".model")
+
+
 def export_params(config: ml_collections.ConfigDict, params: Any, path: str, *,
-                  full: bool = False, step: int | None = None) -> str:
+                  full: bool = False, step: int | None = None,
+                  tokenizer_path: str = "") -> str:
   """Exports the video encoder (or with `full`, the whole model) of `params` to `path`.
 
   Every process must call it (gathering sharded parameters is collective); process 0 writes.
@@ -164,18 +174,26 @@ def export_params(config: ml_collections.ConfigDict, params: Any, path: str, *,
     path: `.safetensors` or `.npz`.
     full: export the whole model instead of the video tower alone.
     step: the training step, recorded in the metadata.
+    tokenizer_path: with `full`, the run's tokenizer, copied beside the file
+      (`tokenizer_file`) so that `load_model` can embed text.
 
   Returns:
     `path`.
   """
   _check_suffix(path)
   flat = host_params(params, full=full)
+  meta = {"contents": "full" if full else "video_encoder",
+          "step": None if step is None else int(step),
+          "config": json.loads(config.to_json_best_effort())}
   if jax.process_index() == 0:
-    write_export(path, flat, {
-        "contents": "full" if full else "video_encoder",
-        "step": None if step is None else int(step),
-        "config": json.loads(config.to_json_best_effort()),
-    })
+    if full and tokenizer_path:
+      from data_pipelines import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+      if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+      copy = tokenizer_file(path, tokenizer_path)
+      _atomic_write(copy, tok_lib.read_bytes(tokenizer_path))
+      meta["tokenizer"] = os.path.basename(copy)
+    write_export(path, flat, meta)
   return path
 
 
@@ -197,7 +215,11 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, path: str
   workdir_lib.check_workdir_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   params, step = workdir_lib.restore_params(config, workdir, mesh)
-  export_params(config, params, path, full=full, step=step)
+  tokenizer_path = ""
+  if full:  # the run's tokenizer (the demo's, when it trained on the demo data)
+    from tvts_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    tokenizer_path = input_pipeline.resolve_data(config, workdir)["tokenizer"]
+  export_params(config, params, path, full=full, step=step, tokenizer_path=tokenizer_path)
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.info("exported %s (step %d) of %s to %s", "the whole model" if full else
                "the video encoder", step, workdir, path)
@@ -301,9 +323,16 @@ def config_from_metadata(meta: Mapping[str, Any],
     compute_dtype: override the stored `compute_dtype` ('float32' or 'bfloat16').
 
   Returns:
-    A validated config; keys missing from an older export keep today's defaults.
+    A validated config; keys missing from an older export get the value they had then
+    (`config_schema.LEGACY_DEFAULTS`, else today's default).
   """
   config = config_schema.base_config()
+  for key, value in config_schema.LEGACY_DEFAULTS.items():
+    *groups, name = key.split(".")
+    node = config
+    for group in groups:
+      node = node[group]
+    node[name] = value
   _merge_config(config, meta["config"])
   config.model.scan_layers = False
   config.model.remat = "none"
@@ -400,15 +429,71 @@ def load_video_encoder(path: str, *, compute_dtype: str | None = None) -> VideoE
   return VideoEncoder(module, config, meta)
 
 
-def load_model(path: str, *, compute_dtype: str | None = None):
-  """Loads a `full` export as a TVTS module (towers, sorter, projections).
+class TVTSModel:
+  """A loaded whole model (`--export_full`): the NNX module, its config, and its tokenizer.
+
+  Attributes:
+    module: the `tvts.TVTS` module (parameters inside).
+    config: the model config stored in the export.
+    tokenizer: the tokenizer exported beside the file (`data_pipelines.tokenizer.Tokenizer`),
+      or None for a file exported without one (then `embed_text` needs token ids).
+    metadata: the export's metadata.
+  """
+
+  def __init__(self, module, config: ml_collections.ConfigDict, metadata: Mapping[str, Any],
+               tokenizer=None):
+    self.module, self.config, self.metadata, self.tokenizer = (module, config, dict(metadata),
+                                                               tokenizer)
+    graphdef, self.params = nnx.split(module)
+    self._video = jax.jit(lambda p, v: nnx.merge(graphdef, p).video(v)[:, 0])
+    self._video_emb = jax.jit(lambda p, c: nnx.merge(graphdef, p).video_embedding(c))
+    self._text = jax.jit(lambda p, i, m: nnx.merge(graphdef, p).encode_text(i, m))
+    self._text_emb = jax.jit(lambda p, f: nnx.merge(graphdef, p).text_embedding(f))
+
+  def __iter__(self):
+    """`module, config = load_model(path)`, as before this class existed."""
+    return iter((self.module, self.config))
+
+  def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) [N, data.text_len] with the exported tokenizer."""
+    if self.tokenizer is None:
+      raise ExportError("this export has no tokenizer beside it (exported before tokenizers "
+                        "were written, or without data.tokenizer): tokenize the texts yourself "
+                        "and call text_features_from_ids")
+    return self.tokenizer.encode(list(texts), int(self.config.data.text_len))
+
+  def video_features(self, video: Any) -> jax.Array:
+    """float32 [B, D]: the video tower's CLS token, every patch kept (uint8 [B, T, H, W, 3])."""
+    return self._video(self.params, video)
+
+  def embed_video(self, video: Any) -> jax.Array:
+    """float32 [B, E]: L2-normalised contrastive embeddings of videos."""
+    return self._video_emb(self.params, self.video_features(video))
+
+  def text_features_from_ids(self, ids: Any, mask: Any) -> jax.Array:
+    """float32 [N, Dt]: the text tower's feature of each tokenized text ([N, L] ids, mask)."""
+    return self._text(self.params, jnp.asarray(ids)[:, None], jnp.asarray(mask)[:, None])[:, 0]
+
+  def text_features(self, texts: Sequence[str]) -> jax.Array:
+    """float32 [N, Dt]: the text tower's feature of each text."""
+    return self.text_features_from_ids(*self.tokenize(texts))
+
+  def embed_text(self, texts: Sequence[str]) -> jax.Array:
+    """float32 [N, E]: L2-normalised contrastive embeddings, each text a one-transcript query
+    (compare with `embed_video` by a dot product)."""
+    return self._text_emb(self.params, self.text_features(texts)[:, None])
+
+
+def load_model(path: str, *, compute_dtype: str | None = None) -> TVTSModel:
+  """Loads a `full` export: towers, sorter, projections, and the tokenizer exported beside it.
 
   Args:
     path: a `.safetensors` or `.npz` file written with `--export_full`.
     compute_dtype: override the stored compute dtype.
 
   Returns:
-    (model, config): a `tvts.TVTS` NNX module with the exported parameters, and its config.
+    A `TVTSModel`: `.module` (a `tvts.TVTS`), `.config`, `.tokenizer`, `embed_video`,
+    `embed_text`. It also unpacks as `module, config = load_model(path)`.
 
   Raises:
     ExportError: the file holds the video encoder only, or does not match its config.
@@ -419,4 +504,12 @@ def load_model(path: str, *, compute_dtype: str | None = None):
     raise ExportError(f"{path} holds the video encoder only; export with --export_full for "
                       "the whole model, or use load_video_encoder")
   config = config_from_metadata(meta, compute_dtype)
-  return _load_into(lambda: tvts.TVTS(config, rngs=nnx.Rngs(0)), flat, "", path), config
+  module = _load_into(lambda: tvts.TVTS(config, rngs=nnx.Rngs(0)), flat, "", path)
+  tokenizer = None
+  if meta.get("tokenizer"):
+    from data_pipelines import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+    tok_path = os.path.join(os.path.dirname(os.path.abspath(path)), meta["tokenizer"])
+    if not os.path.exists(tok_path):
+      raise ExportError(f"{path}: its tokenizer {tok_path} is missing (copy it with the file)")
+    tokenizer = tok_lib.load(tok_path)
+  return TVTSModel(module, config, meta, tokenizer)

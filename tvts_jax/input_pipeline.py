@@ -13,8 +13,9 @@ Every iterator yields per-host numpy batches (B = global batch // process_count)
 |---------------|---------------------|----------------------------------------------------------|
 | `video`       | uint8 [B,T,H,W,3]   | T frames over the span, RGB 0..255, H = W = image_size.  |
 |               |                     | Not normalised: the model normalises on device.          |
-| `text_ids`    | int32 [B,K,L]       | the K transcripts in SHUFFLED order, BOS first, 0 = pad. |
-| `text_mask`   | bool  [B,K,L]       | True on real tokens (always at least the BOS).           |
+| `text_ids`    | int32 [B,K,L]       | the K transcripts in SHUFFLED order, the read-out token  |
+|               |                     | first (BOS / [CLS]: data_pipelines/tokenizer.py).        |
+| `text_mask`   | bool  [B,K,L]       | True on real tokens (a prefix; at least the first).      |
 | `order`       | int32 [B,K]         | order[b, k] = the clip index (0..K-1, in time) of        |
 |               |                     | transcript k: the sort target. A permutation.            |
 | `valid`       | bool  [B]           | False: mask the example out of every loss and metric    |
@@ -189,7 +190,7 @@ def _check_readable(files: Sequence[str], skip_corrupt: bool) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _tokenizer(path: str) -> tokenizer_lib.Tokenizer:
-  return tokenizer_lib.Tokenizer(path)
+  return tokenizer_lib.load(path)
 
 
 def _tokenize_batch(batch: dict[str, tf.Tensor], tokenizer_path: str,

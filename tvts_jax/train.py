@@ -164,11 +164,12 @@ def _prepare_workdir(config, workdir: str) -> None:
 
 
 def _check_vocab(config, tokenizer_path: str) -> None:
+  """The tokenizer fits the text tower: at most its vocabulary, exactly it for a pretrained
+  vocabulary (a tokenizer.json), whose token ids index the tower's embedding rows."""
   from data_pipelines import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-  size = tok_lib.Tokenizer(tokenizer_path).vocab_size
-  if size > config.model.text.vocab_size:
-    raise ValueError(f"the tokenizer {tokenizer_path} has {size} pieces but "
-                     f"model.text.vocab_size={config.model.text.vocab_size}")
+  tok = tok_lib.load(tokenizer_path)
+  tok_lib.check_vocab(tok, config.model.text.vocab_size,
+                      exact=isinstance(tok, tok_lib.HFTokenizer))
 
 
 def _eval_and_write(evals, params, writer, step) -> dict[str, float]:

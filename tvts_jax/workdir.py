@@ -59,8 +59,10 @@ def check_same_model(config: ml_collections.ConfigDict, trained: dict[str, Any],
     keys: the config keys (or groups) compared.
   """
   ours = _selected(_flat_json(json.loads(config.to_json_best_effort())), keys)
-  # A key the training config predates had its default value then (defaults keep behaviour).
-  defaults = _flat_json(json.loads(config_schema.base_config().to_json_best_effort()))
+  # A key the training config predates had its value of then: today's default, or the legacy
+  # one where the default has changed since.
+  defaults = {**_flat_json(json.loads(config_schema.base_config().to_json_best_effort())),
+              **config_schema.LEGACY_DEFAULTS}
   theirs = _selected({**defaults, **_flat_json(trained)}, keys)
   diffs = [f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here"
            for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]

@@ -1,9 +1,13 @@
 """Foreign checkpoints -> our parameters: `load_init(config, params)`, used by the trainer.
 
     --config.init_from=mae:/path/mae_pretrain_vit_base.pth         # ImageNet MAE ViT (the paper)
+    --config.init_from=distilbert:/path/distilbert-base-uncased    # a Hugging Face DistilBERT
+    --config.init_from=mae:/w/mae.pth,distilbert:/w/distilbert     # several, applied in order
     --config.init_from=tvts_torch:/path/tvts_checkpoint.pth        # the reference's PyTorch TVTS
 
-Each kind has a module that documents its key mapping (`mae.py`, `tvts_torch.py`). Files are
+Each kind has a module that documents its key mapping (`mae.py`, `distilbert.py`,
+`tvts_torch.py`); each source is reported in the log (converted, skipped), and at the end which
+of our parameters kept their initialisation. Files are
 `.safetensors` or PyTorch pickles read with torch's weights-only loader (torch is an optional
 dependency, imported only for those). Every foreign key is used, or deliberately skipped and
 reported in the log, or an error that names it; a shape that does not fit this config is an
@@ -18,7 +22,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from tvts_jax.convert import mae, tvts_torch
+from tvts_jax import config_schema
+from tvts_jax.convert import distilbert, mae, tvts_torch
 from tvts_jax.convert import state_dict as sd_lib
 from tvts_jax.convert.state_dict import ConversionError, load_state_dict  # noqa: F401
 from tvts_jax.models import layers
@@ -27,6 +32,13 @@ from tvts_jax.models import layers
 def _mae(path: str, config) -> tuple[dict[str, Any], sd_lib.Report]:
   sd = sd_lib.StateDict(load_state_dict(path, ("model", "state_dict")), path)
   return mae.convert(sd, config), sd.report
+
+
+def _distilbert(path: str, config) -> tuple[dict[str, Any], sd_lib.Report]:
+  distilbert.check_hf_config(path, config)
+  file = distilbert.weights_file(path)
+  sd = sd_lib.StateDict(load_state_dict(file, ("state_dict", "model")), file)
+  return distilbert.convert(sd, config), sd.report
 
 
 def _tvts_torch(path: str, config) -> tuple[dict[str, Any], sd_lib.Report]:
@@ -38,17 +50,20 @@ def _tvts_torch(path: str, config) -> tuple[dict[str, Any], sd_lib.Report]:
 # The `init_from` prefix -> fn(path, config) -> (converted list-layout tree, report).
 CONVERTERS: dict[str, Callable[[str, Any], tuple[dict[str, Any], sd_lib.Report]]] = {
     "mae": _mae,
+    "distilbert": _distilbert,
     "tvts_torch": _tvts_torch,
 }
+assert set(CONVERTERS) == set(config_schema.INIT_KINDS)
 
 
-def parse_init_from(init_from: str) -> tuple[str, str]:
-  """'KIND:PATH' -> (kind, path); raises ConversionError for an unknown kind or no path."""
-  kind, sep, path = init_from.partition(":")
-  if not sep or not path or kind not in CONVERTERS:
-    raise ConversionError(f"init_from={init_from!r}; expected one of "
-                          f"{[k + ':PATH' for k in CONVERTERS]}")
-  return kind, path
+def parse_init_from(init_from: str) -> list[tuple[str, str]]:
+  """'KIND:PATH[,KIND:PATH...]' -> [(kind, path)]; ConversionError for an unknown kind."""
+  sources = config_schema.init_sources(init_from)
+  for kind, path in sources:
+    if kind not in CONVERTERS or not path:
+      raise ConversionError(f"init_from={init_from!r}: {kind + ':' + path!r} is not one of "
+                            f"{[k + ':PATH' for k in CONVERTERS]}")
+  return sources
 
 
 def _flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
@@ -120,12 +135,18 @@ def merge_into_params(params: Any, converted: dict[str, Any], config,
   return out
 
 
-def load_init(config, params: Any) -> Any:
-  """Initialises `params` from `config.init_from` ('mae:PATH' or 'tvts_torch:PATH').
+def load_init(config, params: Any,
+              reports: list[tuple[str, sd_lib.Report]] | None = None) -> Any:
+  """Initialises `params` from the sources of `config.init_from`, in order.
+
+  A later source overwrites what an earlier one converted. Each source's report (converted,
+  skipped) is logged, then the parameters no source provided (they keep their init).
 
   Args:
     config: the run config.
     params: the freshly initialised parameters (nnx.State or pure dict, possibly sharded).
+    reports: if given, receives one (source, report) per source; the last report's
+      `kept_init` lists the parameters no source provided.
 
   Returns:
     The parameters with every converted tensor replaced (same structure, dtypes, shardings).
@@ -135,8 +156,21 @@ def load_init(config, params: Any) -> Any:
       message names the key).
     FileNotFoundError, ImportError: no such file; a PyTorch file without torch installed.
   """
-  kind, path = parse_init_from(config.init_from)
-  converted, report = CONVERTERS[kind](path, config)
-  params = merge_into_params(params, converted, config, report)
-  logging.info("init_from %s: %s", config.init_from, report.summary())
+  provided: set[tuple] = set()
+  report = None
+  for kind, path in parse_init_from(config.init_from):
+    converted, report = CONVERTERS[kind](path, config)
+    params = merge_into_params(params, converted, config, report)
+    provided |= set(_flatten(layers.to_scanned_layout(converted) if config.model.scan_layers
+                             else converted))
+    report.kept_init = []  # said once, for all sources together, below
+    logging.info("init_from %s:%s: %s", kind, path, report.summary())
+    if reports is not None:
+      reports.append((f"{kind}:{path}", report))
+  if report is not None:
+    pure = params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
+    report.kept_init = sorted(_path_str(p) for p in _flatten(pure) if p not in provided)
+    if report.kept_init:
+      logging.info("init_from: %d of our parameters keep their initialisation: %s",
+                   len(report.kept_init), sd_lib.abbreviate(report.kept_init))
   return params

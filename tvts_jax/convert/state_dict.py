@@ -132,12 +132,13 @@ class Report:
       lines.append(f"{len(keys)} tensors under {prefix!r} not converted (by design)")
     if self.kept_init:
       lines.append(f"{len(self.kept_init)} of our parameters keep their initialisation: "
-                   f"{_abbreviate(self.kept_init)}")
+                   f"{abbreviate(self.kept_init)}")
     lines.extend(self.notes)
     return "; ".join(lines)
 
 
-def _abbreviate(paths: list[str], limit: int = 6) -> str:
+def abbreviate(paths: list[str], limit: int = 6) -> str:
+  """Parameter paths by their first two levels, for a log line."""
   heads = sorted({"/".join(p.split("/")[:2]) for p in paths})
   more = f", ... ({len(heads)} groups)" if len(heads) > limit else ""
   return ", ".join(heads[:limit]) + more

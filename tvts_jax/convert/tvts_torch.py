@@ -32,12 +32,13 @@ D = video width, Dt = text width, E = model.embed_dim, K = data.num_clips, t/p =
 
 `vid_proj.weight` / `txt_proj.weight` (a bare Linear) are accepted too.
 
-Not converted, reported in the log with their count: `text_model.*`, the reference's DistilBERT
-text tower, which our text tower (a different architecture and tokenizer) cannot take. So our
-`text/*` keeps its initialisation, and so does `sorter/text_proj` (it exists only when
-model.text.width != model.video.width; the reference has none). `text_proj` IS converted, as the
-issue asks, but it was trained on DistilBERT features: it only helps once our text tower is
-trained to produce features it fits. Any other key is an error that names it.
+`text_model.*` is the reference's DistilBERT (a Hugging Face `DistilBertModel`). With
+`model.text.arch='distilbert'` it is converted into `text/*` as `convert/distilbert.py` maps it,
+so a reference checkpoint loads whole: video tower, text tower, sorter and both projections.
+With another text architecture it is reported and not converted (our `text/*` keeps its
+initialisation; `text_proj` is converted all the same, but was trained on DistilBERT features).
+`sorter/text_proj` exists only when model.text.width != model.video.width (the reference has
+none) and keeps its initialisation. Any other key is an error that names it.
 
 Uncertain about the real checkpoints: whether the released files keep the `module.` prefix
 (both accepted), whether `pred_model` ever had extra tensors (e.g. a position embedding; it
@@ -51,10 +52,11 @@ from __future__ import annotations
 from typing import Any
 
 from tvts_jax import config_schema
+from tvts_jax.convert import distilbert
 from tvts_jax.convert import state_dict as sd_lib
 
 DDP_PREFIX = "module."
-SKIPPED_PREFIXES = ("text_model.",)
+TEXT_PREFIX = "text_model."
 
 
 def strip_ddp_prefix(tensors: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +81,7 @@ def convert(sd: sd_lib.StateDict, config) -> dict[str, Any]:
 
   Returns:
     A nested dict of numpy arrays in our list layout: `video` (all of it), `sorter` (all but
-    `text_proj`), `video_proj` and `text_proj`.
+    `text_proj`), `video_proj`, `text_proj`, and `text` when model.text.arch='distilbert'.
 
   Raises:
     state_dict.ConversionError: a missing key, an unexpected key or a shape mismatch (named).
@@ -116,7 +118,10 @@ def convert(sd: sd_lib.StateDict, config) -> dict[str, Any]:
       "video_proj": _projection(sd, ("vid_proj.0", "vid_proj"), "video_proj", d, e),
       "text_proj": _projection(sd, ("txt_proj.1", "txt_proj"), "text_proj", dt, e),
   }
-  for prefix in SKIPPED_PREFIXES:
-    sd.skip_prefix(prefix)
+  if config.model.text.arch == "distilbert":
+    out["text"] = distilbert.convert_text(sd, TEXT_PREFIX, config)
+    sd.skip_prefix(TEXT_PREFIX + "embeddings.position_ids")  # a buffer, in older transformers
+  else:
+    sd.skip_prefix(TEXT_PREFIX)
   sd.check_all_used()
   return out

@@ -1,9 +1,14 @@
 """The one transformer block shared by the video tower, the text tower and the sorter.
 
-`Block` is a pre-LayerNorm ViT block (timm / MAE layout and names):
+`Block` is a ViT block (timm / MAE layout and names), pre-LayerNorm by default:
 
     x = x + attn(norm1(x))        attn: fused qkv Linear (with bias) -> softmax attention -> proj
-    x = x + mlp(norm2(x))         mlp:  fc1 -> exact GELU -> fc2
+    x = x + mlp(norm2(x))         mlp:  fc1 -> exact GELU (or QuickGELU) -> fc2
+
+or post-LayerNorm (`norm_position='post'`, BERT / DistilBERT's arithmetic, same parameters):
+
+    x = norm1(x + attn(x))
+    x = norm2(x + mlp(x))
 
 `BlockStack` runs `depth` blocks, either as a Python list (`layers/0/...`, `layers/1/...`) or,
 with `scan_layers=True`, as one block whose parameters carry a leading `[depth]` axis, run with
@@ -182,15 +187,29 @@ def gelu(x: jax.Array) -> jax.Array:
   return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
 
 
-class Mlp(nnx.Module):
-  """fc1 -> exact (erf) GELU, as torch.nn.GELU() in the reference -> fc2."""
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """CLIP's GELU approximation, x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(np.asarray(1.702, x.dtype) * x)
 
-  def __init__(self, width: int, mlp_dim: int, *, dtype: Any, rngs: nnx.Rngs):
+
+# `activation` option of Mlp / Block / BlockStack -> the function.
+ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
+NORM_POSITIONS = ("pre", "post")
+
+
+class Mlp(nnx.Module):
+  """fc1 -> activation (exact erf GELU, as torch.nn.GELU(); or QuickGELU) -> fc2."""
+
+  def __init__(self, width: int, mlp_dim: int, *, dtype: Any, rngs: nnx.Rngs,
+               activation: str = "gelu"):
+    if activation not in ACTIVATIONS:
+      raise ValueError(f"activation={activation!r}; must be one of {tuple(ACTIVATIONS)}")
+    self.activation = activation
     self.fc1 = linear(width, mlp_dim, dtype, rngs)
     self.fc2 = linear(mlp_dim, width, dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(gelu(self.fc1(x)))
+    return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
 
 
 @jax.custom_vjp
@@ -219,8 +238,9 @@ def grad_fusion_barrier(x: jax.Array) -> jax.Array:
   The residual stream's gradient at block i sums the contributions of every later block.
   XLA:CPU fused that elementwise sum (LayerNorm backward included) into each of its
   consumers, among them the transposes feeding the weight-gradient matmuls, so every block
-  recomputed the whole chain above it: work quadratic in depth. Storing it once per block is what GPUs and TPUs do anyway, and a
-  conditional there would cost a device-host round trip, so only CPU gets the barrier.
+  recomputed the whole chain above it: work quadratic in depth. Storing it once per block is
+  what GPUs and TPUs do anyway, and a conditional there would cost a device-host round trip,
+  so only CPU gets the barrier.
   """
   if not platform.on_cpu():
     return x
@@ -228,10 +248,11 @@ def grad_fusion_barrier(x: jax.Array) -> jax.Array:
 
 
 class Block(nnx.Module):
-  """Pre-LN transformer block: norm1, attn, norm2, mlp (timm names)."""
+  """Transformer block: norm1, attn, norm2, mlp (timm names), pre- or post-LayerNorm."""
 
   def __init__(self, width: int, num_heads: int, mlp_dim: int, *, ln_eps: float,
-               dtype: Any = jnp.float32, attention: str = "xla", rngs: nnx.Rngs):
+               dtype: Any = jnp.float32, attention: str = "xla", norm_position: str = "pre",
+               activation: str = "gelu", rngs: nnx.Rngs):
     """Creates the block.
 
     Args:
@@ -241,13 +262,19 @@ class Block(nnx.Module):
       ln_eps: LayerNorm epsilon.
       dtype: compute dtype of the matmuls; the residual stream is in activation_dtype(dtype).
       attention: the attention implementation, one of `platform.ATTENTION_KERNELS`.
+      norm_position: 'pre' (each sub-layer reads a normalised stream) or 'post' (the sum of
+        the stream and the sub-layer's output is normalised: BERT, DistilBERT).
+      activation: the MLP's, a key of `ACTIVATIONS`.
       rngs: parameter initialisation.
     """
+    if norm_position not in NORM_POSITIONS:
+      raise ValueError(f"norm_position={norm_position!r}; must be one of {NORM_POSITIONS}")
     self.dtype = platform.activation_dtype(dtype)
+    self.norm_position = norm_position
     self.norm1 = layer_norm(width, ln_eps, dtype, rngs)
     self.attn = Attention(width, num_heads, dtype=dtype, attention=attention, rngs=rngs)
     self.norm2 = layer_norm(width, ln_eps, dtype, rngs)
-    self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(width, mlp_dim, dtype=dtype, activation=activation, rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                num_queries: int | None = None) -> jax.Array:
@@ -264,6 +291,9 @@ class Block(nnx.Module):
     """
     x = grad_fusion_barrier(x.astype(self.dtype))
     residual = x if num_queries is None else x[:, :num_queries]
+    if self.norm_position == "post":
+      x = self.norm1(residual + self.attn(x, mask, num_queries))
+      return self.norm2(x + self.mlp(x))
     x = residual + self.attn(self.norm1(x), mask, num_queries)
     return x + self.mlp(self.norm2(x))
 
@@ -278,7 +308,8 @@ class BlockStack(nnx.Module):
 
   def __init__(self, depth: int, width: int, num_heads: int, mlp_dim: int, *,
                ln_eps: float, dtype: Any = jnp.float32, scan_layers: bool = False,
-               remat: str = "none", attention: str = "xla", rngs: nnx.Rngs):
+               remat: str = "none", attention: str = "xla", rngs: nnx.Rngs,
+               **block_options: Any):
     """Creates the stack.
 
     Args:
@@ -292,6 +323,7 @@ class BlockStack(nnx.Module):
       remat: a key of `REMAT_POLICIES`; each block is rematerialised under that policy.
       attention: the attention implementation, one of `platform.ATTENTION_KERNELS`.
       rngs: parameter initialisation.
+      **block_options: the other options of every `Block` (`norm_position`, `activation`).
     """
     if depth < 1:
       raise ValueError(f"depth must be >= 1, got {depth}")
@@ -304,7 +336,7 @@ class BlockStack(nnx.Module):
 
     def make_block(rngs):
       return Block(width, num_heads, mlp_dim, ln_eps=ln_eps, dtype=dtype, attention=attention,
-                   rngs=rngs)
+                   rngs=rngs, **block_options)
 
     if scan_layers:
       # vmap over split rng streams: `depth` independently initialised blocks whose

@@ -1,17 +1,29 @@
-"""The transcript encoder: token + position embeddings, pre-LN blocks, final LayerNorm.
+"""The transcript encoder: token + position embeddings, the shared blocks, one feature per text.
 
-The reference uses DistilBERT; ours has the same role (one feature per transcript, taken at the
-first token, which the tokenizer makes a BOS) with the shared pre-LN block. Each of the K
-transcripts of an example is encoded on its own: the tower runs on [B * K, L].
+Each of the K transcripts of an example is encoded on its own (the tower runs on [B * K, L])
+into one feature, read at one position. `model.text.arch` chooses the arithmetic, all on the one
+shared `layers.Block`:
 
-Parameters (Dt = model.text.width, V = model.text.vocab_size, L = data.text_len):
+    arch         blocks     embedding LN   final LN   feature read at
+    tvts         pre-LN     no             yes        the first token (the tokenizer's BOS)
+    distilbert   post-LN    yes            no         the first token ([CLS]); DistilBERT's
+
+`distilbert` is DistilBERT's arithmetic exactly (word + learned position embeddings, LayerNorm,
+post-LN blocks with exact GELU, padding masked), so `init_from=distilbert:PATH` gives the
+pretrained tower (tvts_jax/convert/distilbert.py).
+
+Parameters (Dt = model.text.width, V = model.text.vocab_size, P = model.text.max_positions, or
+data.text_len when that is 0):
     token_embed/embedding  [V, Dt]
-    pos_embed              [1, L, Dt]
+    pos_embed              [1, P, Dt]
+    embed_norm/scale, bias [Dt]        (distilbert)
     blocks/layers/...      see layers.BlockStack
-    norm/scale, norm/bias  [Dt]
+    norm/scale, norm/bias  [Dt]        (tvts)
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +31,26 @@ import ml_collections
 from flax import nnx
 
 from tvts_jax.models import layers, platform
+
+
+@dataclasses.dataclass(frozen=True)
+class TextArch:
+  """What a text architecture is made of (see the module docstring)."""
+  norm_position: str  # of the blocks: 'pre' or 'post'
+  embed_norm: bool  # a LayerNorm on the embeddings
+  final_norm: bool  # a LayerNorm on the read-out feature
+
+
+# `model.text.arch` -> its parts.
+ARCHS = {
+    "tvts": TextArch(norm_position="pre", embed_norm=False, final_norm=True),
+    "distilbert": TextArch(norm_position="post", embed_norm=True, final_norm=False),
+}
+
+
+def num_positions(config: ml_collections.ConfigDict) -> int:
+  """Rows of the position table: `model.text.max_positions`, or `data.text_len` when 0."""
+  return int(config.model.text.max_positions or config.data.text_len)
 
 
 class TextTower(nnx.Module):
@@ -32,40 +64,51 @@ class TextTower(nnx.Module):
       rngs: parameter initialisation.
     """
     t = config.model.text
+    arch = ARCHS[t.arch]
     self.dtype = platform.activation_dtype(config.compute_dtype)
     self.width = t.width
     self.vocab_size = t.vocab_size
-    self.max_len = config.data.text_len
+    self.max_len = num_positions(config)
     normal = jax.nn.initializers.normal(0.02)
     self.token_embed = nnx.Embed(t.vocab_size, t.width, dtype=self.dtype,
                                  param_dtype=jnp.float32, embedding_init=normal, rngs=rngs)
     self.pos_embed = nnx.Param(normal(rngs.params(), (1, self.max_len, t.width), jnp.float32))
+    self.embed_norm = (layers.layer_norm(t.width, t.ln_eps, config.compute_dtype, rngs)
+                       if arch.embed_norm else None)
     self.blocks = layers.BlockStack(
         t.depth, t.width, t.num_heads, t.mlp_dim, ln_eps=t.ln_eps, dtype=config.compute_dtype,
         scan_layers=config.model.scan_layers, remat=config.model.remat,
-        attention=platform.resolve_attention(config), rngs=rngs)
-    self.norm = layers.layer_norm(t.width, t.ln_eps, jnp.float32, rngs)
+        attention=platform.resolve_attention(config), norm_position=arch.norm_position,
+        rngs=rngs)
+    self.norm = (layers.layer_norm(t.width, t.ln_eps, jnp.float32, rngs)
+                 if arch.final_norm else None)
 
   def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """Encodes transcripts.
 
     Args:
-      ids: int32 [B, K, L] token ids, L <= data.text_len, the first token of each a BOS.
+      ids: int32 [B, K, L] token ids, L <= the position table, the first token of each a
+        BOS / [CLS].
       mask: bool [B, K, L], True on real tokens; padded keys are never attended to.
 
     Returns:
-      float32 [B, K, Dt]: the final-LayerNorm output at the first position of each transcript.
+      float32 [B, K, Dt]: the feature of each transcript (at its first position).
     """
     if ids.ndim != 3 or mask.shape != ids.shape:
       raise ValueError(f"text ids and mask must both be [B, K, L]; got {ids.shape} and "
                        f"{mask.shape}")
     b, k, length = ids.shape
     if length > self.max_len:
-      raise ValueError(f"text length {length} exceeds data.text_len={self.max_len}")
+      raise ValueError(f"text length {length} exceeds the position table of {self.max_len} "
+                       "(model.text.max_positions, or data.text_len)")
     ids = ids.reshape(b * k, length)
     mask = mask.reshape(b * k, length).astype(bool)
     x = self.token_embed(ids) + self.pos_embed[...][:, :length].astype(self.dtype)
-    # Only the first token is read out: the last block computes its row alone, and the final
-    # LayerNorm runs on it alone.
-    x = self.blocks(x, mask, num_queries=1)
-    return self.norm(x[:, 0]).reshape(b, k, self.width)
+    if self.embed_norm is not None:
+      x = self.embed_norm(x)
+    # Only the first token is read out: the last block computes its row alone (and the final
+    # LayerNorm runs on it alone).
+    x = self.blocks(x, mask, num_queries=1)[:, 0]
+    if self.norm is not None:
+      x = self.norm(x)
+    return x.astype(jnp.float32).reshape(b, k, self.width)

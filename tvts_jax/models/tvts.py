@@ -125,6 +125,15 @@ class TVTS(nnx.Module):
     """Transcript features: float32 [B, K, Dt] from ids/mask [B, K, L]."""
     return self.text(text_ids, text_mask)
 
+  def video_embedding(self, video_cls: jax.Array) -> jax.Array:
+    """The contrastive embedding of videos from their CLS tokens [B, D]: L2-normalised [B, E]."""
+    return l2_normalize(self.video_proj(video_cls))
+
+  def text_embedding(self, text_features: jax.Array) -> jax.Array:
+    """The contrastive embedding of texts from their K features [B, K, Dt]: the mean of the K
+    projections, L2-normalised [B, E] (K may be 1: one caption, one query)."""
+    return l2_normalize(jnp.mean(self.text_proj(jax.nn.relu(text_features)), axis=1))
+
   def __call__(self, video: jax.Array, text_ids: jax.Array, text_mask: jax.Array, *,
                keep_rng: jax.Array | None = None) -> dict[str, jax.Array]:
     """Runs both towers, the sorter and the projections.
@@ -153,13 +162,12 @@ class TVTS(nnx.Module):
     video_cls = video_tokens[:, 0]
     text_features = self.text(text_ids, text_mask)
     sort_logits = self.sorter(video_tokens, jax.lax.stop_gradient(text_features))
-    text_emb = jnp.mean(self.text_proj(jax.nn.relu(text_features)), axis=1)
     return dict(
         video_tokens=video_tokens,
         video_cls=video_cls,
-        video_emb=l2_normalize(self.video_proj(video_cls)),
+        video_emb=self.video_embedding(video_cls),
         text_features=text_features,
-        text_emb=l2_normalize(text_emb),
+        text_emb=self.text_embedding(text_features),
         sort_logits=sort_logits,
     )
 
