@@ -10,6 +10,13 @@ or post-LayerNorm (`norm_position='post'`, BERT / DistilBERT's arithmetic, same 
     x = norm1(x + attn(x))
     x = norm2(x + mlp(x))
 
+or, for a video's tokens with divided space-time attention (`temporal_frames=F`, TVTSv2's
+block, with its own `time_norm` and a `time_attn` whose output is exactly zero at init):
+
+    t = x + time_attn(time_norm(x))      each patch with its spatial slot in every frame, + CLS
+    x = x + attn(norm1(t))               each patch with its own frame, + CLS; the residual is
+    x = x + mlp(norm2(x))                x, not t: time reaches the stream through attn's input
+
 `BlockStack` runs `depth` blocks, either as a Python list (`layers/0/...`, `layers/1/...`) or,
 with `scan_layers=True`, as one block whose parameters carry a leading `[depth]` axis, run with
 `jax.lax.scan` so that compile time does not grow with depth. `to_scanned_layout` and
@@ -94,10 +101,28 @@ class Attention(nnx.Module):
 
   Parameters: `qkv.kernel` [D, 3D] whose output columns are ordered (q|k|v, head, head_dim)
   exactly like timm's `qkv.weight.T`, `qkv.bias` [3D], `proj.kernel` [D, D], `proj.bias` [D].
+
+  Besides plain (joint) attention over the sequence, it attends in groups of a video's tokens
+  laid out `[CLS, frame 0's n patches, frame 1's, ...]` (`groups=('space' | 'time', frames)`,
+  divided space-time attention as in TVTSv2 / Frozen-in-Time): a patch attends to the CLS token
+  and to the patches of its own frame ('space') or of its own spatial slot in every frame
+  ('time'); the CLS token attends to every token. n is read off the sequence length (the kept
+  tokens), never assumed from a mask ratio.
   """
 
   def __init__(self, width: int, num_heads: int, *, dtype: Any, rngs: nnx.Rngs,
-               attention: str = "xla"):
+               attention: str = "xla", zero_init: bool = False):
+    """Creates the layer.
+
+    Args:
+      width: model width D.
+      num_heads: attention heads; must divide `width`.
+      dtype: compute dtype of the matmuls.
+      rngs: parameter initialisation.
+      attention: the implementation, one of `platform.ATTENTION_KERNELS`.
+      zero_init: qkv all zeros and proj's kernel all ones (TVTSv2's temporal attention): the
+        output is exactly zero at init, and every weight still gets a gradient.
+    """
     if width % num_heads:
       raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
     if attention not in platform.ATTENTION_KERNELS:
@@ -105,11 +130,13 @@ class Attention(nnx.Module):
                        "('auto' is resolved by resolve_attention)")
     self.num_heads = num_heads
     self.attention = attention
-    self.qkv = linear(width, 3 * width, dtype, rngs, kernel_init=_qkv_init)
-    self.proj = linear(width, width, dtype, rngs)
+    zeros, ones = jax.nn.initializers.zeros, jax.nn.initializers.ones
+    self.qkv = linear(width, 3 * width, dtype, rngs, kernel_init=zeros if zero_init else _qkv_init)
+    self.proj = linear(width, width, dtype, rngs, kernel_init=ones if zero_init else _xavier)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               num_queries: int | None = None) -> jax.Array:
+               num_queries: int | None = None, *, query_index: jax.Array | None = None,
+               causal: bool = False, groups: tuple[str, int] | None = None) -> jax.Array:
     """Attends over the sequence.
 
     Args:
@@ -117,39 +144,75 @@ class Attention(nnx.Module):
       mask: optional bool [B, S] key-padding mask, True where a key may be attended to. A row
         with no True key attends uniformly (finite output), it does not produce NaN. With
         the 'cudnn' implementation the mask must be a prefix (padding at the end, as the
-        tokenizer pads) with at least one True key: it is passed as lengths.
+        tokenizers pad) with at least one True key: it is passed as lengths.
       num_queries: only the first `num_queries` tokens attend (all S by default); every
         token is still a key and a value.
+      query_index: int [B]: only this token of each row attends (one query a row); every
+        token is still a key and a value.
+      causal: token i attends to tokens <= i only.
+      groups: ('space' | 'time', frames): divided space-time attention (class docstring).
 
     Returns:
-      [B, num_queries or S, D] in `activation_dtype` of the module's compute dtype.
+      [B, Q, D] in `activation_dtype` of the module's compute dtype: Q = num_queries, 1 with
+      `query_index`, else S.
     """
     b, s, d = x.shape
     h = self.num_heads
-    if num_queries is None:
+    if num_queries is None and query_index is None:
       qkv = self.qkv(x).reshape(b, s, 3, h, d // h)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-      num_queries = s
     else:
       # The q columns of the fused kernel on the queried rows only, k|v on every row: what
       # `self.qkv` computes for the rows that are used.
+      rows = (x[:, :num_queries] if query_index is None
+              else jnp.take_along_axis(x, query_index[:, None, None], axis=1))
       kernel, bias, dtype = self.qkv.kernel[...], self.qkv.bias[...], self.qkv.dtype
-      q = dense(x[:, :num_queries], kernel[:, :d], bias[:d], dtype).reshape(
-          b, num_queries, h, d // h)
+      q = dense(rows, kernel[:, :d], bias[:d], dtype).reshape(b, rows.shape[1], h, d // h)
       kv = dense(x, kernel[:, d:], bias[d:], dtype).reshape(b, s, 2, h, d // h)
       k, v = kv[:, :, 0], kv[:, :, 1]
+    if groups is not None:
+      out = self._grouped(q, k, v, *groups)
+    else:
+      out = self._attend(q, k, v, mask, causal)
+    return self.proj(out.reshape(b, q.shape[1], d))
+
+  def _attend(self, q, k, v, mask, causal=False):
     # One entry point for every backend, the softmax in float32 whatever the dtype.
     if self.attention == "cudnn":
-      out = cudnn_attention(q, k, v, mask)
-    else:
-      out = jax.nn.dot_product_attention(
-          q, k, v, mask=None if mask is None else mask[:, None, None, :],
-          implementation=self.attention)
-    return self.proj(out.reshape(b, num_queries, d))
+      return cudnn_attention(q, k, v, mask, causal)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=None if mask is None else mask[:, None, None, :], is_causal=causal,
+        implementation=self.attention)
+
+  def _grouped(self, q, k, v, kind: str, frames: int):
+    """Divided space-time attention over [CLS, frames x n patches] (see the class)."""
+    if kind not in ("space", "time"):
+      raise ValueError(f"groups={kind!r}; must be 'space' or 'time'")
+    b, s, h, hd = q.shape
+    n = (s - 1) // frames
+    if n * frames != s - 1:
+      raise ValueError(f"{s - 1} patch tokens do not split into {frames} frames")
+    cls_out = self._attend(q[:, :1], k, v, None)  # the CLS token attends to every token
+
+    def split(a):  # [B, frames, n, h, hd], or [B, n, frames, h, hd] to group by slot
+      a = a[:, 1:].reshape(b, frames, n, h, hd)
+      return a.transpose(0, 2, 1, 3, 4) if kind == "time" else a
+
+    pq, pk, pv = split(q), split(k), split(v)
+    groups, size = pq.shape[1], pq.shape[2]
+    # Every group's keys and values start with the CLS token's.
+    with_cls = lambda a, p: jnp.concatenate(
+        [jnp.broadcast_to(a[:, None, :1], (b, groups, 1, h, hd)), p], axis=2).reshape(
+            b * groups, size + 1, h, hd)
+    out = self._attend(pq.reshape(b * groups, size, h, hd), with_cls(k, pk), with_cls(v, pv),
+                       None).reshape(b, groups, size, h, hd)
+    if kind == "time":
+      out = out.transpose(0, 2, 1, 3, 4)
+    return jnp.concatenate([cls_out, out.reshape(b, frames * n, h, hd)], axis=1)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                    mask: jax.Array | None) -> jax.Array:
+                    mask: jax.Array | None, causal: bool = False) -> jax.Array:
   """`jax.nn.dot_product_attention(implementation='cudnn')` for any sequence lengths.
 
   Two limits of jax's cuDNN path (jax 0.10) are worked around here, exactly:
@@ -164,6 +227,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   Args:
     q: [B, T, heads, head_dim]; k, v: [B, S, heads, head_dim].
     mask: optional bool [B, S] key-padding mask (a prefix per row).
+    causal: query i attends to keys <= i (T == S; a padded row is last, so it changes nothing).
 
   Returns:
     [B, T, heads, head_dim].
@@ -173,7 +237,8 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array,
              else jnp.full((b,), s, jnp.int32) if s % 2 else None)
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x
   out = jax.nn.dot_product_attention(pad(q, t % 2), pad(k, s % 2), pad(v, s % 2),
-                                     key_value_seq_lengths=lengths, implementation="cudnn")
+                                     key_value_seq_lengths=lengths, is_causal=causal,
+                                     implementation="cudnn")
   return out[:, :t]
 
 
@@ -252,7 +317,8 @@ class Block(nnx.Module):
 
   def __init__(self, width: int, num_heads: int, mlp_dim: int, *, ln_eps: float,
                dtype: Any = jnp.float32, attention: str = "xla", norm_position: str = "pre",
-               activation: str = "gelu", rngs: nnx.Rngs):
+               activation: str = "gelu", causal: bool = False, temporal_frames: int = 0,
+               rngs: nnx.Rngs):
     """Creates the block.
 
     Args:
@@ -265,19 +331,31 @@ class Block(nnx.Module):
       norm_position: 'pre' (each sub-layer reads a normalised stream) or 'post' (the sum of
         the stream and the sub-layer's output is normalised: BERT, DistilBERT).
       activation: the MLP's, a key of `ACTIVATIONS`.
+      causal: each token attends to itself and the tokens before it (CLIP's text).
+      temporal_frames: F > 0: divided space-time attention over [CLS, F frames of patches]
+        (pre-LN only).
       rngs: parameter initialisation.
     """
     if norm_position not in NORM_POSITIONS:
       raise ValueError(f"norm_position={norm_position!r}; must be one of {NORM_POSITIONS}")
+    if temporal_frames and (norm_position != "pre" or causal):
+      raise ValueError("divided space-time attention is a pre-LN, non-causal block")
     self.dtype = platform.activation_dtype(dtype)
     self.norm_position = norm_position
+    self.causal = causal
+    self.temporal_frames = temporal_frames
+    if temporal_frames:
+      self.time_norm = layer_norm(width, ln_eps, dtype, rngs)
+      self.time_attn = Attention(width, num_heads, dtype=dtype, attention=attention,
+                                 zero_init=True, rngs=rngs)
     self.norm1 = layer_norm(width, ln_eps, dtype, rngs)
     self.attn = Attention(width, num_heads, dtype=dtype, attention=attention, rngs=rngs)
     self.norm2 = layer_norm(width, ln_eps, dtype, rngs)
     self.mlp = Mlp(width, mlp_dim, dtype=dtype, activation=activation, rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               num_queries: int | None = None) -> jax.Array:
+               num_queries: int | None = None,
+               query_index: jax.Array | None = None) -> jax.Array:
     """Applies the block.
 
     Args:
@@ -285,16 +363,30 @@ class Block(nnx.Module):
       mask: optional bool [B, S] key-padding mask (see `Attention`).
       num_queries: compute the output of the first `num_queries` tokens only (all by
         default); the others still serve as keys and values.
+      query_index: int [B]: compute the output of this token of each row only. In a causal
+        block the mask must then be the padding prefix that ends at it (its causal keys).
 
     Returns:
-      [B, num_queries or S, D] in the activation dtype.
+      [B, Q, D] in the activation dtype (Q: num_queries, 1 with query_index, else S).
     """
     x = grad_fusion_barrier(x.astype(self.dtype))
-    residual = x if num_queries is None else x[:, :num_queries]
+    if self.temporal_frames:
+      if num_queries is not None or query_index is not None or mask is not None:
+        raise ValueError("divided space-time attention reads every token, unmasked")
+      frames = self.temporal_frames
+      t = x + self.time_attn(self.time_norm(x), groups=("time", frames))
+      x = x + self.attn(self.norm1(t), groups=("space", frames))
+      return x + self.mlp(self.norm2(x))
+    if query_index is not None:
+      residual = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
+    else:
+      residual = x if num_queries is None else x[:, :num_queries]
+    causal = self.causal and num_queries is None and query_index is None
+    attend = lambda h: self.attn(h, mask, num_queries, query_index=query_index, causal=causal)
     if self.norm_position == "post":
-      x = self.norm1(residual + self.attn(x, mask, num_queries))
+      x = self.norm1(residual + attend(x))
       return self.norm2(x + self.mlp(x))
-    x = residual + self.attn(self.norm1(x), mask, num_queries)
+    x = residual + attend(self.norm1(x))
     return x + self.mlp(self.norm2(x))
 
 
@@ -323,7 +415,8 @@ class BlockStack(nnx.Module):
       remat: a key of `REMAT_POLICIES`; each block is rematerialised under that policy.
       attention: the attention implementation, one of `platform.ATTENTION_KERNELS`.
       rngs: parameter initialisation.
-      **block_options: the other options of every `Block` (`norm_position`, `activation`).
+      **block_options: the other options of every `Block` (`norm_position`, `activation`,
+        `causal`, `temporal_frames`).
     """
     if depth < 1:
       raise ValueError(f"depth must be >= 1, got {depth}")
@@ -333,6 +426,7 @@ class BlockStack(nnx.Module):
     self.scan_layers = scan_layers
     self.remat = remat
     self.attention = attention
+    self.divided = bool(block_options.get("temporal_frames"))  # see __call__
 
     def make_block(rngs):
       return Block(width, num_heads, mlp_dim, ln_eps=ln_eps, dtype=dtype, attention=attention,
@@ -354,7 +448,8 @@ class BlockStack(nnx.Module):
     return jax.checkpoint(fn, policy=REMAT_POLICIES[self.remat], prevent_cse=not in_scan)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               num_queries: int | None = None) -> jax.Array:
+               num_queries: int | None = None,
+               query_index: jax.Array | None = None) -> jax.Array:
     """Applies the blocks in order.
 
     Args:
@@ -363,26 +458,29 @@ class BlockStack(nnx.Module):
       num_queries: the caller reads only the first `num_queries` output tokens, so the last
         block computes only those (keys and values still come from every token): most of
         its work when a stack is read out at a few positions (text tower, sorter).
+      query_index: int [B]: the caller reads only this token of each row (CLIP's end of
+        text): the last block computes only it.
 
     Returns:
-      [B, num_queries or S, D] in the compute dtype.
+      [B, Q, D] in the compute dtype (Q: num_queries, 1 with query_index, else S).
     """
     s = x.shape[1]
-    if self.attention != "cudnn" or s % 2 == 0:
-      return self._apply(x, mask, num_queries)
+    if self.attention != "cudnn" or s % 2 == 0 or self.divided:
+      return self._apply(x, mask, num_queries, query_index)
     # cuDNN's attention takes only even lengths under differentiation. One zero token, a key
     # masked out in every block, makes the whole stack's sequence even: one pad and one slice
     # instead of padding q, k and v and slicing the output in every block (docs/performance.md).
     # The extra row's outputs are dropped; the rest is exactly what the odd-length stack
-    # computes.
+    # computes. (Divided attention regroups the tokens by frame: its calls pad themselves.)
     x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
     mask = jnp.ones((x.shape[0], s), bool) if mask is None else mask
     mask = jnp.pad(mask, ((0, 0), (0, 1)))  # the new key: False
-    out = self._apply(x, mask, num_queries)
-    return out if num_queries is not None else out[:, :s]
+    out = self._apply(x, mask, num_queries, query_index)
+    return out if num_queries is not None or query_index is not None else out[:, :s]
 
-  def _apply(self, x: jax.Array, mask: jax.Array | None,
-             num_queries: int | None) -> jax.Array:
+  def _apply(self, x: jax.Array, mask: jax.Array | None, num_queries: int | None,
+             query_index: jax.Array | None) -> jax.Array:
+    read_out = num_queries is not None or query_index is not None
     if self.scan_layers:
       graphdef, state = nnx.split(self.layers)
 
@@ -391,24 +489,25 @@ class BlockStack(nnx.Module):
 
       # The carry must keep one dtype across iterations.
       x = x.astype(self.layers.dtype)
-      if num_queries is None:
+      if not read_out:
         x, _ = jax.lax.scan(self._remat(body, in_scan=True), x, state)
         return x
       if self.depth > 1:
         x, _ = jax.lax.scan(self._remat(body, in_scan=True), x,
                             jax.tree.map(lambda a: a[:-1], state))
       last = jax.tree.map(lambda a: a[-1], state)
-      return self._remat(lambda s, h, m: nnx.merge(graphdef, s)(h, m, num_queries))(
-          last, x, mask)
+      return self._remat(lambda s, h, m, i: nnx.merge(graphdef, s)(h, m, num_queries, i))(
+          last, x, mask, query_index)
 
-    for i, block in enumerate(self.layers):
-      queries = num_queries if i == self.depth - 1 else None
+    for n, block in enumerate(self.layers):
+      last = n == self.depth - 1
+      queries, index = (num_queries, query_index) if last else (None, None)
       if self.remat == "none":
-        x = block(x, mask, queries)
+        x = block(x, mask, queries, index)
       else:
         graphdef, state = nnx.split(block)
-        x = self._remat(lambda s, h, m, g=graphdef, q=queries: nnx.merge(g, s)(h, m, q))(
-            state, x, mask)
+        x = self._remat(lambda s, h, m, i, g=graphdef, q=queries: nnx.merge(g, s)(h, m, q, i))(
+            state, x, mask, index)
     return x
 
 
