@@ -36,7 +36,8 @@ SKIP_REASONS = {
     "no_frames": "the video stream decodes to no frames",
     "video_truncated": "the frames end well before the duration in the header (a cut-off "
                        "download): missing more than max(1 s, 5%)",
-    "too_short": "shorter than `min_duration` (default 15 s, the shortest TVTS span)",
+    "too_short": "shorter than `min_duration` (default 6 s, the shortest video that holds "
+                 "K = 4 clips)",
     "transcript_missing": "no transcript beside the video (only when transcripts are "
                           "required)",
     "transcript_unreadable": "the transcript cannot be read or is not text",
@@ -59,7 +60,14 @@ class Options:
     short_side: stored frames are resized so that their short side is this (up or down).
     window_seconds: longer videos are cut into windows of this length, rounded to whole
       frames at `fps`; a remainder shorter than `min_duration` joins the last window.
-    min_duration: videos shorter than this are skipped (`too_short`).
+    min_duration: videos shorter than this are skipped (`too_short`). Conversion outlives any
+      one config, so this is the shortest video that can hold K clips at all, not the config's
+      span: the input pipeline shortens the span of a video shorter than it to
+      [0, duration - 1] cut into K clips with the same gaps (as the reference does), i.e. clips
+      of (duration - 1 - 3 gap) / 4 s with the reference's K = 4 and 1-s gaps. From 6 s on
+      each clip is at least 0.5 s long, one stored frame at the default 2 fps and about one
+      spoken word; shorter videos cannot give four clips with words in each. A config that
+      wants longer videos sets `data.min_video_seconds` (applied when reading).
     jpeg_quality: JPEG quality of the stored frames.
     require_transcripts: skip videos without a usable transcript. None: required unless the
       set is labelled (`prepare(labels=...)`). When not required, a transcript that fails to
@@ -72,7 +80,7 @@ class Options:
   fps: float = 2.0
   short_side: int = 268
   window_seconds: float = 300.0
-  min_duration: float = 15.0
+  min_duration: float = 6.0
   jpeg_quality: int = 90
   require_transcripts: bool | None = None
   max_jitter: float = transcripts.DEFAULT_MAX_JITTER

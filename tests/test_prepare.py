@@ -127,6 +127,19 @@ def test_frames_at_fps_nearest_source_frame(clip, fps):
   assert Image.open(io.BytesIO(r.frames[0])).size == (43, 32)
 
 
+def test_default_keeps_a_10_s_video_with_words(tmp_path):
+  # A 10 s clip with speech was lost to the old 15 s minimum; the input pipeline now shortens
+  # the span of such a video, so the converter keeps it.
+  video = make_video(tmp_path / "ten.mp4", 10)
+  (tmp_path / "ten.json").write_text(whisper(GOOD_WORDS[:4]))
+  recs = video_records.convert_video(video, str(tmp_path / "ten.json"),
+                                     video_records.Options(short_side=SHORT))
+  assert len(recs) == 1 and recs[0].duration == 10.0 and len(recs[0].words) == 4
+  five = video_records.convert_video(make_video(tmp_path / "five.mp4", 5), None,
+                                     options(require_transcripts=False))
+  assert five.reason == "too_short"
+
+
 def test_metadata_that_is_not_utf8_does_not_stop_a_video(tmp_path):
   # Old files often carry Latin-1 titles. Written as UTF-8, then one byte made Latin-1 (same
   # length, so the container stays valid): PyAV < 19 raises UnicodeDecodeError on it unless
