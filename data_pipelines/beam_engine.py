@@ -28,6 +28,10 @@ class _ConvertFn(beam.DoFn):
     super().__init__()
     self._options = options
 
+  def setup(self):
+    if self._options.asr:
+      video_records.asr_backend(self._options)  # the model, once per worker
+
   def process(self, item):
     outcome, recs = video_records.process_item(item, self._options)
     yield item.shard, ("outcome", outcome)

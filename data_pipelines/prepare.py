@@ -5,6 +5,9 @@
     # the same through Apache Beam, locally on 8 processes, or on any runner
     python -m data_pipelines.prepare --videos=DIR --output_dir=OUT --num_shards=64 \
         --runner=DirectRunner --direct_num_workers=8
+    # videos without captions: our speech recognition writes their transcripts inline
+    python -m data_pipelines.prepare --videos=DIR --output_dir=OUT --num_shards=64 \
+        --asr=vosk:/models/vosk-model-en-us-0.22
     # a labelled evaluation set (UCF101 layout DIR/CLASS/video.avi; no transcripts needed)
     python -m data_pipelines.prepare --videos=DIR --output_dir=OUT --num_shards=8 \
         --labels=folders --name=ucf101 --split=test
@@ -45,6 +48,7 @@ from absl import logging
 import tensorflow as tf
 import tqdm
 
+from data_pipelines import asr
 from data_pipelines import listing
 from data_pipelines import progress
 from data_pipelines import records
@@ -141,6 +145,12 @@ def prepare(videos: str | None, output_dir: str, num_shards: int,
     raise ValueError(f"pipeline options {list(pipeline_args)} need a Beam runner")
   if options.require_transcripts is None:
     options = dataclasses.replace(options, require_transcripts=labels is None)
+  if options.asr:
+    # A model that cannot be used is an error now, not a skip of every video. The local
+    # engine with one process keeps this copy; other processes load their own.
+    video_records.asr_backend(options)
+    if runner != "local" or workers > 1:
+      asr.cached.cache_clear()
   if manifest:
     items, class_names = listing.read_manifest(manifest, num_shards, labels)
   else:
@@ -197,6 +207,10 @@ def _define_flags():
   flags.DEFINE_boolean("require_transcripts", None,
                        "skip videos without a usable transcript (default: true, but false "
                        "with --labels)")
+  flags.DEFINE_string("asr", "", "BACKEND:MODEL_DIR (faster-whisper or vosk): transcribe "
+                      "the videos without a transcript beside them")
+  flags.DEFINE_string("asr_language", "", "with --asr: the language wanted (ISO code)")
+  flags.DEFINE_enum("asr_device", "cpu", ["cpu", "cuda"], "with --asr: where the model runs")
   flags.DEFINE_string("runner", "local", "'local' (built-in loop) or a Beam runner: "
                       "DirectRunner, DataflowRunner, ...; other flags go to Beam")
   flags.DEFINE_integer("workers", 0, "processes of the local runner (0: all CPUs)")
@@ -213,7 +227,8 @@ def _main(argv):
   options = video_records.Options(
       fps=f.fps, short_side=f.short_side, window_seconds=f.window_seconds,
       min_duration=f.min_duration, jpeg_quality=f.jpeg_quality,
-      require_transcripts=f.require_transcripts, max_jitter=f.max_jitter)
+      require_transcripts=f.require_transcripts, max_jitter=f.max_jitter, asr=f.asr,
+      asr_language=f.asr_language, asr_device=f.asr_device)
   info = prepare(f.videos, f.output_dir, f.num_shards, options, manifest=f.manifest,
                  labels=f.labels, name=f.name, split=f.split, runner=f.runner,
                  workers=f.workers or os.cpu_count() or 1, pipeline_args=argv[1:],
