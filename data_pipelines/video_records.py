@@ -1,7 +1,8 @@
 """One video and its transcript -> records: the conversion both engines share.
 
 Per video: decode and sample its frames (`decode.py`); parse the transcript
-(`transcripts.py`), or with `Options.asr` recognise the speech of a video without one (`asr`); cut videos longer than `window_seconds` into windows (records `stem@0`,
+(`transcripts.py`), or with `Options.asr` recognise the speech of a video without one
+(`asr`); cut videos longer than `window_seconds` into windows (records `stem@0`,
 `stem@1`, ...), each holding the frames and the words that start inside it, times relative to
 the window start.
 

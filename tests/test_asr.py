@@ -147,15 +147,19 @@ def test_model_problems_are_errors_before_any_video(spoken, vosk_model, tmp_path
   assert sorted(os.listdir(videos)) == ["a.mp4"] and not (tmp_path / "out").exists()
 
 
-def test_prepare_asr_records_hold_the_recognised_words(spoken, vosk_model, tmp_path):
+def test_prepare_asr_records_hold_the_recognised_words(spoken, transcribed, vosk_model,
+                                                      tmp_path):
   d, times = spoken
   videos = tmp_path / "videos"
   videos.mkdir()
   for name in ("speech.mp4", "noaudio.mp4", "captioned.mp4", "captioned.en.vtt"):
     shutil.copy(d / name, videos / name)
-  info = prepare.prepare(str(videos), str(tmp_path / "out"), 1,
-                         video_records.Options(short_side=32, asr=f"vosk:{vosk_model}",
-                                               asr_language="en"))
+  opts = video_records.Options(short_side=32, asr=f"vosk:{vosk_model}", asr_language="en")
+  info = prepare.prepare(str(videos), str(tmp_path / "out"), 1, opts)
+  # Beam loads the model in DoFn.setup and writes the same bytes.
+  prepare.prepare(str(videos), str(tmp_path / "beam"), 1, opts, runner="DirectRunner")
+  for name in info["files"] + ["skipped.jsonl"]:
+    assert (tmp_path / "beam" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
   assert info["asr_transcripts"] == 1 and info["skipped"] == {"no_audio_stream": 1}
   assert info["options"]["asr"] == f"vosk:{vosk_model}"
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
