@@ -30,6 +30,13 @@ setuptools.setup(
     extras_require={
         # Only to import PyTorch checkpoints (MAE, reference TVTS) and for their parity tests.
         "torch": ["torch", "torchvision", "timm"],
-        "test": ["pytest", "pytest-xdist", "torch", "torchvision", "timm"],
+        # Speech recognition for videos without captions (data_pipelines.asr); each backend is
+        # imported only when used.
+        "asr": ["faster-whisper>=1.1", "vosk>=0.3.45"],
+        # transformers builds the tiny Whisper of the ASR tests; webvtt-py is the reference
+        # the VTT parser is checked against. The tests' Vosk model comes from the videogrep
+        # wheel, installed without its dependencies by .ci/run.
+        "test": ["pytest", "pytest-xdist", "torch", "torchvision", "timm", "faster-whisper>=1.1",
+                 "vosk>=0.3.45", "transformers>=4.40", "webvtt-py>=0.5"],
     },
 )

@@ -31,7 +31,7 @@ class DecodeOptions(Protocol):
 # Container metadata that is not UTF-8 (common in old AVI/MKV files) must not make a video
 # unreadable. PyAV < 19 raises on it unless told `metadata_errors="ignore"`; PyAV 19 decodes it
 # with surrogateescape and no longer takes the argument.
-_AV_OPEN_KWARGS = ({"metadata_errors": "ignore"}
+AV_OPEN_KWARGS = ({"metadata_errors": "ignore"}
                    if int(av.__version__.split(".")[0]) < 19 else {})
 
 
@@ -49,7 +49,8 @@ def is_remote(path: str) -> bool:
   return "://" in path
 
 
-def _file_size(path: str) -> int:
+def file_size(path: str) -> int:
+  """Bytes of a local or tf.io.gfile file; VideoError `video_missing` if there is none."""
   try:
     return tf.io.gfile.stat(path).length if is_remote(path) else os.path.getsize(path)
   except (OSError, tf.errors.NotFoundError):
@@ -137,13 +138,13 @@ def decode_video(path: str, options: DecodeOptions) -> DecodedVideo:
   Raises:
     VideoError: the file is missing, empty, unreadable, truncated or has no video.
   """
-  if _file_size(path) == 0:
+  if file_size(path) == 0:
     raise VideoError("video_empty", "0 bytes")
   sampler = _NearestFrameSampler(options)
   with contextlib.ExitStack() as stack:
     try:
       source = stack.enter_context(tf.io.gfile.GFile(path, "rb")) if is_remote(path) else path
-      container = stack.enter_context(av.open(source, **_AV_OPEN_KWARGS))
+      container = stack.enter_context(av.open(source, **AV_OPEN_KWARGS))
     except av.error.FFmpegError as e:
       raise VideoError("video_unreadable", str(e)) from None
     if not container.streams.video:

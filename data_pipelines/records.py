@@ -20,6 +20,11 @@ bounded in size). Times are seconds from the start of the record's window.
 | `segment_labels` | int64 list    | action label of each annotated segment (may be empty) |
 | `segment_starts` | float list    | segment start times (s)                               |
 | `segment_ends`   | float list    | segment end times (s)                                 |
+| `transcript_asr` | bytes         | `BACKEND:MODEL` when the words came from our speech   |
+|                  |               | recognition (`prepare --asr`, `transcribe`), else ""  |
+
+`transcript_asr` is optional (records written before it read as ""), so the schema version
+did not change.
 
 Next to the shards, `dataset_info.json` holds the counts, the options used and
 `SCHEMA_VERSION`; readers check the version.
@@ -58,6 +63,7 @@ class VideoRecord:
   segment_labels: Sequence[int] = ()
   segment_starts: Sequence[float] = ()
   segment_ends: Sequence[float] = ()
+  transcript_asr: str = ""
 
 
 def _bytes(values):
@@ -97,6 +103,7 @@ def serialize(r: VideoRecord) -> bytes:
       "segment_labels": _ints(r.segment_labels),
       "segment_starts": _floats(r.segment_starts),
       "segment_ends": _floats(r.segment_ends),
+      "transcript_asr": _bytes([r.transcript_asr.encode()]),
   }
   # Deterministic: protobuf writes map entries in a per-process order otherwise, and the local
   # and Beam converters must write byte-identical shards.
@@ -113,6 +120,7 @@ _SCALARS = {
     "height": tf.io.FixedLenFeature([], tf.int64),
     "width": tf.io.FixedLenFeature([], tf.int64),
     "label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+    "transcript_asr": tf.io.FixedLenFeature([], tf.string, default_value=""),
 }
 _LISTS = {
     "frames": tf.string, "frame_times": tf.float32,

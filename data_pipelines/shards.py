@@ -26,6 +26,7 @@ class Tally:
 
   def __init__(self):
     self.videos = self.kept = self.records = self.words = self.words_past_end = 0
+    self.asr_transcripts = 0  # kept videos whose words came from our speech recognition
     self.milliseconds = 0  # integer, so that sums do not depend on the order
     self.skipped = collections.Counter()
     self.transcripts_ignored = collections.Counter()
@@ -42,10 +43,12 @@ class Tally:
     self.words_past_end += outcome["words_past_end"]
     if outcome["transcript_ignored"]:
       self.transcripts_ignored[outcome["transcript_ignored"]] += 1
+    self.asr_transcripts += bool(outcome.get("asr"))
     return self
 
   def merge(self, other: Tally) -> Tally:
-    for key in ("videos", "kept", "records", "words", "words_past_end", "milliseconds"):
+    for key in ("videos", "kept", "records", "words", "words_past_end", "milliseconds",
+                "asr_transcripts"):
       setattr(self, key, getattr(self, key) + getattr(other, key))
     self.skipped.update(other.skipped)
     self.transcripts_ignored.update(other.transcripts_ignored)
@@ -86,6 +89,7 @@ def summary(tally: Tally, shard_counts: dict[int, int], meta: dict[str, Any]
       "words": tally.words,
       "words_past_end": tally.words_past_end,
       "transcripts_ignored": dict(sorted(tally.transcripts_ignored.items())),
+      "asr_transcripts": tally.asr_transcripts,
   }
 
 
@@ -124,6 +128,8 @@ def format_summary(info: dict[str, Any]) -> str:
   if info["words_past_end"]:
     rows.append(("words past the video end (dropped)", info["words_past_end"]))
   rows += [(f"transcript ignored: {r}", n) for r, n in info["transcripts_ignored"].items()]
+  if info.get("asr_transcripts"):
+    rows.append(("transcripts from our ASR", info["asr_transcripts"]))
   per = list(info["shard_counts"].values())
   rows.append(("shards", f"{len(per)} files, {min(per)}-{max(per)} records each"))
   width = max(len(k) for k, _ in rows)

@@ -427,6 +427,17 @@ def parse_file(path: str, max_jitter: float = DEFAULT_MAX_JITTER) -> list[Word]:
   Raises:
     TranscriptError: unreadable, empty, malformed or unordered input.
   """
+  return read_transcript(path, max_jitter)[0]
+
+
+def read_transcript(path: str, max_jitter: float = DEFAULT_MAX_JITTER
+                    ) -> tuple[list[Word], str]:
+  """`parse_file`, plus which of our speech recognisers made the file.
+
+  Returns:
+    (words sorted by start time, `BACKEND:MODEL` from the `asr` key of a Whisper JSON written
+    by `data_pipelines.transcribe`, or "" for any other transcript).
+  """
   try:
     with tf.io.gfile.GFile(path, "rb") as f:
       data = f.read()
@@ -435,7 +446,10 @@ def parse_file(path: str, max_jitter: float = DEFAULT_MAX_JITTER) -> list[Word]:
   text = _decode(data)
   if not text.strip():
     raise TranscriptError("transcript_empty", "empty file")
-  return parse_string(text, detect_format(path, text), max_jitter)
+  fmt = detect_format(path, text)
+  words = parse_string(text, fmt, max_jitter)
+  made_by = _load_json(text).get("asr") if fmt == "whisper" else None
+  return words, str(made_by.get("model", "")) if isinstance(made_by, dict) else ""
 
 
 def window_words(words: Sequence[Word], start: float, end: float) -> list[Word]:

@@ -1,7 +1,8 @@
 """One video and its transcript -> records: the conversion both engines share.
 
 Per video: decode and sample its frames (`decode.py`); parse the transcript
-(`transcripts.py`); cut videos longer than `window_seconds` into windows (records `stem@0`,
+(`transcripts.py`), or with `Options.asr` recognise the speech of a video without one
+(`asr`); cut videos longer than `window_seconds` into windows (records `stem@0`,
 `stem@1`, ...), each holding the frames and the words that start inside it, times relative to
 the window start.
 
@@ -14,11 +15,13 @@ records. A video that cannot be used becomes a `Skip` with a reason code (`SKIP_
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
 from absl import logging
 
+from data_pipelines import asr
 from data_pipelines import decode
 from data_pipelines import records
 from data_pipelines import transcripts
@@ -36,7 +39,8 @@ SKIP_REASONS = {
     "no_frames": "the video stream decodes to no frames",
     "video_truncated": "the frames end well before the duration in the header (a cut-off "
                        "download): missing more than max(1 s, 5%)",
-    "too_short": "shorter than `min_duration` (default 15 s, the shortest TVTS span)",
+    "too_short": "shorter than `min_duration` (default 6 s, the shortest video that holds "
+                 "K = 4 clips)",
     "transcript_missing": "no transcript beside the video (only when transcripts are "
                           "required)",
     "transcript_unreadable": "the transcript cannot be read or is not text",
@@ -47,6 +51,8 @@ SKIP_REASONS = {
                            "video ends (probably another video's transcript)",
     "no_label": "a labelled set, but the video has no class (not in a class folder, or an "
                 "empty label cell)",
+    # With --asr, for a video without a transcript beside it:
+    **{reason: f"(--asr) {meaning}" for reason, meaning in asr.REASONS.items()},
 }
 
 
@@ -59,7 +65,14 @@ class Options:
     short_side: stored frames are resized so that their short side is this (up or down).
     window_seconds: longer videos are cut into windows of this length, rounded to whole
       frames at `fps`; a remainder shorter than `min_duration` joins the last window.
-    min_duration: videos shorter than this are skipped (`too_short`).
+    min_duration: videos shorter than this are skipped (`too_short`). Conversion outlives any
+      one config, so this is the shortest video that can hold K clips at all, not the config's
+      span: the input pipeline shortens the span of a video shorter than it to
+      [0, duration - 1] cut into K clips with the same gaps (as the reference does), i.e. clips
+      of (duration - 1 - 3 gap) / 4 s with the reference's K = 4 and 1-s gaps. From 6 s on
+      each clip is at least 0.5 s long, one stored frame at the default 2 fps and about one
+      spoken word; shorter videos cannot give four clips with words in each. A config that
+      wants longer videos sets `data.min_video_seconds` (applied when reading).
     jpeg_quality: JPEG quality of the stored frames.
     require_transcripts: skip videos without a usable transcript. None: required unless the
       set is labelled (`prepare(labels=...)`). When not required, a transcript that fails to
@@ -68,18 +81,27 @@ class Options:
     max_past_end_fraction: skip when more than this fraction of the words start after the
       video ends; fewer such words are dropped and counted (`words_past_end`).
     max_bad_packets: undecodable packets tolerated per video (decoders conceal them).
+    asr: `BACKEND:MODEL_DIR` (`asr.BACKENDS`): transcribe the videos that have no transcript
+      beside them with our speech recognition; "" (default): never.
+    asr_language: with `asr`, the language wanted (`asr.load`); "": any.
+    asr_device: with `asr`, where its model runs: `cpu` or `cuda`.
   """
   fps: float = 2.0
   short_side: int = 268
   window_seconds: float = 300.0
-  min_duration: float = 15.0
+  min_duration: float = 6.0
   jpeg_quality: int = 90
   require_transcripts: bool | None = None
   max_jitter: float = transcripts.DEFAULT_MAX_JITTER
   max_past_end_fraction: float = 0.5
   max_bad_packets: int = 5
+  asr: str = ""
+  asr_language: str = ""
+  asr_device: str = "cpu"
 
   def __post_init__(self):
+    if self.asr:
+      asr.parse_spec(self.asr)
     if self.fps <= 0 or self.short_side < 1:
       raise ValueError(f"fps={self.fps} and short_side={self.short_side} must be positive")
     if self.min_duration < 0 or self.window_seconds < max(self.min_duration, 1 / self.fps):
@@ -155,32 +177,59 @@ def window_bounds(duration: float, options: Options) -> list[tuple[int, float, f
   return bounds
 
 
+def asr_backend(options: Options) -> asr.Backend:
+  """The speech recogniser of `options.asr`, loaded once per process."""
+  backend, model = asr.parse_spec(options.asr)
+  return asr.cached(backend, model, options.asr_language or None, options.asr_device)
+
+
 def _read_transcript(path: str | None, options: Options, stats: dict[str, Any]
-                     ) -> list[transcripts.Word]:
+                     ) -> tuple[list[transcripts.Word], str]:
+  """(words, which ASR made them or "") of the transcript beside a video."""
   required = options.require_transcripts is not False
   if not path:
-    if required:
+    if required and not options.asr:
       raise _SkipVideo("transcript_missing")
-    return []
+    return [], ""
   try:
-    return transcripts.parse_file(path, options.max_jitter)
+    return transcripts.read_transcript(path, options.max_jitter)
   except transcripts.TranscriptError as e:
     if required:
       raise _SkipVideo(e.reason, e.detail) from None
     stats["transcript_ignored"] = e.reason
-    return []
+    return [], ""
+
+
+def _recognise(video_path: str, options: Options, stats: dict[str, Any]
+               ) -> tuple[list[transcripts.Word], str]:
+  """(words, BACKEND:MODEL) from our speech recognition, through the same Whisper JSON that
+  `transcribe` writes, so that inline and two-step conversions store the same words."""
+  backend = asr_backend(options)
+  try:
+    transcript = asr.transcribe_file(video_path, backend, options.max_bad_packets)
+  except asr.AsrError as e:
+    if options.require_transcripts is not False:
+      raise _SkipVideo(e.reason, e.detail) from None
+    stats["transcript_ignored"] = e.reason
+    return [], ""
+  text = json.dumps(asr.whisper_json(transcript, backend))
+  return transcripts.parse_string(text, "whisper", options.max_jitter), asr.identity(backend)
 
 
 def _convert(video_path: str, transcript_path: str | None, options: Options, video_id: str,
              label: int) -> tuple[list[records.VideoRecord] | Skip, dict[str, Any]]:
   """`convert_video`, plus statistics for the summary."""
-  stats = {"seconds": 0.0, "words": 0, "words_past_end": 0, "transcript_ignored": ""}
+  stats = {"seconds": 0.0, "words": 0, "words_past_end": 0, "transcript_ignored": "",
+           "asr": ""}
   try:
     # The transcript is cheap to check, the video is not: read the transcript first.
-    words = _read_transcript(transcript_path, options, stats)
+    words, made_by = _read_transcript(transcript_path, options, stats)
     video = decode.decode_video(video_path, options)
     if video.duration < options.min_duration:
       raise _SkipVideo("too_short", f"{video.duration:.2f} s < {options.min_duration} s")
+    if not transcript_path and options.asr:
+      # After the video: a video that cannot be used costs no speech recognition.
+      words, made_by = _recognise(video_path, options, stats)
     past_end = sum(w.start >= video.duration for w in words)
     if words and past_end > options.max_past_end_fraction * len(words):
       # Most words later than the video: the transcript belongs to another video.
@@ -194,7 +243,8 @@ def _convert(video_path: str, transcript_path: str | None, options: Options, vid
     return e.skip, stats
   except decode.VideoError as e:
     return Skip(e.reason, e.detail), stats
-  stats.update(seconds=video.duration, words=len(words), words_past_end=past_end)
+  stats.update(seconds=video.duration, words=len(words), words_past_end=past_end,
+               asr=made_by if words else "")
   windows = window_bounds(video.duration, options)
   out = []
   for k, (first, start, end) in enumerate(windows):
@@ -215,7 +265,8 @@ def _convert(video_path: str, transcript_path: str | None, options: Options, vid
         words=[w.text for w in in_window],
         word_starts=[w.start for w in in_window],
         word_ends=[w.end for w in in_window],
-        label=label))
+        label=label,
+        transcript_asr=stats["asr"]))
   return out, stats
 
 
@@ -273,6 +324,7 @@ def process_item(item: VideoItem, options: Options
       "seconds": stats.get("seconds", 0.0), "words": stats.get("words", 0),
       "words_past_end": stats.get("words_past_end", 0),
       "transcript_ignored": stats.get("transcript_ignored", ""),
+      "asr": stats.get("asr", ""),
   }
   if isinstance(result, Skip):
     return outcome, []

@@ -232,6 +232,49 @@ def test_examples_without_words_are_invalid_and_counted(data, tmp_path):
   assert it.num_examples == 8 and it.num_invalid == 4 and it.valid_rate == 0.5
 
 
+def test_short_video_span_shortened_as_the_reference_does():
+  # 6 s is shorter than the only span (4 x 2 s + 3 x 0.5 s = 9.5 s): the span becomes
+  # [0, 5] cut into 4 clips with the same 0.5 s gaps, (5 - 1.5) / 4 = 0.875 s each.
+  c = _config(clip_seconds=(2.0,), gap_seconds=0.5, num_frames=8)
+  record = _hand_record(0, duration=6.0)
+  word_starts = np.asarray(record.word_starts, np.float32)
+  times = np.asarray(record.frame_times)
+  for seed in range(3):
+    out = _sample(record, c, seed)
+    assert out["shortened"] and out["valid"]
+    assert out["clip_len"] == pytest.approx(0.875)
+    np.testing.assert_allclose(out["clip_starts"], np.arange(4) * 1.375, atol=1e-6)
+    for i in range(4):
+      a = np.float32(out["clip_starts"][i])
+      expected = [w for w, t in zip(record.words, word_starts) if a <= t < a + np.float32(0.875)]
+      assert expected and out["clip_texts"][i].decode() == " ".join(expected)
+    t = times[out["frame_index"]]
+    assert (np.diff(t) > 0).all() and t[0] >= 0 and t[-1] <= 5.0 + 0.5 / FPS
+  assert not _sample(_hand_record(0, duration=12.0), c, 0)["shortened"]
+  # Too short for 4 clips and their gaps at all ((2.5 - 1 - 1.5) / 4 = 0): invalid.
+  out = _sample(_hand_record(0, duration=2.5), c, 0)
+  assert out["shortened"] and not out["valid"]
+  # A config may still ask for a minimum, applied when reading.
+  c.data.min_video_seconds = 7.0
+  assert not _sample(record, c, 0)["valid"]
+  assert _sample(_hand_record(0, duration=12.0), c, 0)["valid"]
+
+
+def test_shortened_examples_counted_not_batched(data, tmp_path):
+  recs = [_hand_record(i, duration=6.0 if i % 4 == 0 else 12.0) for i in range(8)]
+  path = _write(str(tmp_path), "short.tfrecord", recs)
+  c = _config(clip_seconds=(2.0,), gap_seconds=0.5)
+  it = input_pipeline.make_train_iterator(c, path, data["tokenizer"], process_index=0,
+                                          process_count=1)
+  batches = _take(it, 2)
+  assert set(batches[0]) == set(input_pipeline.BATCH_KEYS)
+  assert it.num_shortened == 4 and it.num_invalid == 0  # labels 0 and 4, twice
+  resumed = input_pipeline.make_train_iterator(c, path, data["tokenizer"], start_step=1,
+                                               process_index=0, process_count=1)
+  _assert_batches_equal(next(resumed), batches[1])
+  assert resumed.num_shortened == 2
+
+
 def test_same_step_same_batch_different_steps_differ(data):
   c = _config()
   args = (c, data["synthetic"], data["tokenizer"])

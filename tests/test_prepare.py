@@ -6,8 +6,10 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import av
 import numpy as np
@@ -18,6 +20,7 @@ import tensorflow as tf
 from data_pipelines import decode
 from data_pipelines import listing
 from data_pipelines import prepare
+from data_pipelines import progress
 from data_pipelines import records
 from data_pipelines import shards
 from data_pipelines import video_records
@@ -125,6 +128,19 @@ def test_frames_at_fps_nearest_source_frame(clip, fps):
   np.testing.assert_allclose(r.frame_times, np.array(want) / FPS, atol=1e-9)
   assert [source_frame(f) for f in r.frames] == want
   assert Image.open(io.BytesIO(r.frames[0])).size == (43, 32)
+
+
+def test_default_keeps_a_10_s_video_with_words(tmp_path):
+  # A 10 s clip with speech was lost to the old 15 s minimum; the input pipeline now shortens
+  # the span of such a video, so the converter keeps it.
+  video = make_video(tmp_path / "ten.mp4", 10)
+  (tmp_path / "ten.json").write_text(whisper(GOOD_WORDS[:4]))
+  recs = video_records.convert_video(video, str(tmp_path / "ten.json"),
+                                     video_records.Options(short_side=SHORT))
+  assert len(recs) == 1 and recs[0].duration == 10.0 and len(recs[0].words) == 4
+  five = video_records.convert_video(make_video(tmp_path / "five.mp4", 5), None,
+                                     options(require_transcripts=False))
+  assert five.reason == "too_short"
 
 
 def test_metadata_that_is_not_utf8_does_not_stop_a_video(tmp_path):
@@ -409,3 +425,154 @@ def test_local_engine_runs_without_importing_beam(clip, tmp_path):
                         text=True, timeout=300,
                         env={**os.environ, "PYTHONPATH": root, "CUDA_VISIBLE_DEVICES": ""})
   assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------
+# Resume: a conversion killed part-way, started again.
+
+def _noise_video(path, seconds, width=160, height=120, rate=25):
+  """A video of random pixels: slow to decode, so later shards are still under way when the
+  first one is complete."""
+  with av.open(str(path), "w") as container:
+    stream = container.add_stream("libx264", rate=rate,
+                                  options={"crf": "30", "preset": "ultrafast"})
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    rng = np.random.default_rng(0)
+    for n in range(round(seconds * rate)):
+      frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (height, width, 3), np.uint8),
+                                         format="rgb24")
+      frame.pts = n
+      container.mux(stream.encode(frame))
+    container.mux(stream.encode())
+
+
+RESUME_SHARDS = 4
+
+
+@pytest.fixture(scope="module")
+def resume_videos(tmp_path_factory):
+  """12 videos in 4 shards (round-robin over the sorted ids): shard 0 holds small videos, the
+  others slow ones; one video has no transcript (a skip, so skipped.jsonl has a line)."""
+  d = tmp_path_factory.mktemp("resume")
+  small = make_video(d / "v00.mp4", 8)
+  _noise_video(d / "v01.mp4", 12)
+  for i in range(2, 12):
+    shutil.copy(small if i % RESUME_SHARDS == 0 else d / "v01.mp4", d / f"v{i:02d}.mp4")
+  for i in range(12):
+    if i != 6:
+      (d / f"v{i:02d}.json").write_text(whisper(GOOD_WORDS[:4]))
+  return d
+
+
+def _copy_and_convert(resume_videos, tmp_path):
+  """A copy of the videos (records hold their paths) and its uninterrupted conversion."""
+  videos, ref_out = tmp_path / "videos", tmp_path / "reference"
+  shutil.copytree(resume_videos, videos)
+  info = prepare.prepare(str(videos), str(ref_out), RESUME_SHARDS, options())
+  assert info["skipped"] == {"transcript_missing": 1} and info["kept_videos"] == 11
+  return videos, ref_out, info
+
+
+def _output_files(info):
+  return info["files"] + [shards.SKIPPED_FILE, records.INFO_FILE]
+
+
+def _corrupt_videos_of(videos_dir, shard_ids):
+  """Overwrites the videos of the given shards: a run that decodes them again skips them."""
+  items, _ = listing.list_videos(str(videos_dir), RESUME_SHARDS)
+  for it in items:
+    if it.shard in shard_ids:
+      with open(it.video, "wb") as f:
+        f.write(np.random.default_rng(1).bytes(2048))
+
+
+def test_sigkilled_conversion_resumes_byte_identical(resume_videos, tmp_path):
+  videos, ref_out, info = _copy_and_convert(resume_videos, tmp_path)
+  out = tmp_path / "out"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = [sys.executable, "-m", "data_pipelines.prepare", f"--videos={videos}",
+             f"--output_dir={out}", f"--num_shards={RESUME_SHARDS}", f"--short_side={SHORT}",
+             "--workers=2"]
+  env = {**os.environ, "PYTHONPATH": root, "CUDA_VISIBLE_DEVICES": ""}
+  # The conversion runs in its own process group, so that SIGKILL reaches the pool's
+  # workers too, as when a machine is preempted.
+  proc = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, start_new_session=True)
+  progress_dir = out / ".progress-tvts-train"
+  first_marker = progress_dir / f"shard-00000-of-{RESUME_SHARDS:05d}.json"
+  try:
+    deadline = time.monotonic() + 240
+    while not first_marker.exists():
+      assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+      assert time.monotonic() < deadline, "no shard completed in time"
+      time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+  markers = sorted(p.name for p in progress_dir.glob("shard-*.json"))
+  assert 1 <= len(markers) < RESUME_SHARDS, markers  # killed part-way
+  assert not (out / records.INFO_FILE).exists()
+  done = [int(m.split("-")[1]) for m in markers]
+
+  # Other arguments are refused, naming what differs; nothing is written.
+  with pytest.raises(progress.ArgumentsChanged, match=r"options\.fps: 2\.0 in the earlier "
+                     r"run, 3\.0 now"):
+    prepare.prepare(str(videos), str(out), RESUME_SHARDS, options(fps=3.0))
+  with pytest.raises(progress.ArgumentsChanged, match="num_shards: 4 in the earlier run, 5"):
+    prepare.prepare(str(videos), str(out), RESUME_SHARDS + 1, options())
+  shutil.copy(videos / "v00.mp4", videos / "zz.mp4")
+  with pytest.raises(progress.ArgumentsChanged, match=r"1 videos added \(zz\)"):
+    prepare.prepare(str(videos), str(out), RESUME_SHARDS, options())
+  os.remove(videos / "zz.mp4")
+  assert sorted(p.name for p in progress_dir.glob("shard-*.json")) == markers
+
+  # The same arguments again (here in this process, which is quicker to start) finish the
+  # job without decoding the complete shards' videos (they are garbage now: decoding them
+  # would skip them) and write the uninterrupted bytes.
+  _corrupt_videos_of(videos, done)
+  prepare.prepare(str(videos), str(out), RESUME_SHARDS, options())
+  for name in _output_files(info):
+    assert (out / name).read_bytes() == (ref_out / name).read_bytes(), name
+  assert not progress_dir.exists()
+
+
+def test_beam_resumes_a_local_conversion_that_died(resume_videos, tmp_path, monkeypatch):
+  videos, ref_out, info = _copy_and_convert(resume_videos, tmp_path)
+  out = tmp_path / "out"
+  write_shard = shards.write_shard
+
+  def dies_at_shard_2(output_dir, name, split, index, *args):
+    if index == 2:
+      raise SystemExit("killed")
+    return write_shard(output_dir, name, split, index, *args)
+
+  monkeypatch.setattr(shards, "write_shard", dies_at_shard_2)
+  with pytest.raises(SystemExit):
+    prepare.prepare(str(videos), str(out), RESUME_SHARDS, options())
+  monkeypatch.setattr(shards, "write_shard", write_shard)
+  _corrupt_videos_of(videos, {0, 1})
+  beam_info = prepare.prepare(
+      str(videos), str(out), RESUME_SHARDS, options(), runner="DirectRunner",
+      pipeline_args=["--direct_num_workers=2", "--direct_running_mode=multi_threading"])
+  assert {**beam_info, "engine": "local"} == info  # the summary names the engine
+  for name in info["files"] + [shards.SKIPPED_FILE]:
+    assert (out / name).read_bytes() == (ref_out / name).read_bytes(), name
+  # Finished: the directory holds the output alone, and a run started again converts from
+  # scratch (here: sees the corrupted videos) instead of refusing or resuming.
+  assert sorted(os.listdir(out)) == sorted(_output_files(info))
+  again = prepare.prepare(str(videos), str(out), RESUME_SHARDS, options())
+  assert again["skipped"]["video_unreadable"] == 6
+
+
+def test_restart_drops_an_unfinished_conversion(resume_videos, tmp_path, monkeypatch):
+  out = tmp_path / "out"
+  monkeypatch.setattr(prepare, "_run_local", lambda *args: None)  # dies before any shard
+  with pytest.raises(RuntimeError, match="shard 0 of 4 .* has no completion marker"):
+    prepare.prepare(str(resume_videos), str(out), RESUME_SHARDS, options())
+  monkeypatch.undo()
+  with pytest.raises(progress.ArgumentsChanged):
+    prepare.prepare(str(resume_videos), str(out), 2, options())
+  info = prepare.prepare(str(resume_videos), str(out), 2, options(), restart=True)
+  assert info["num_shards"] == 2 and info["kept_videos"] == 11

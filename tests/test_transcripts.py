@@ -200,3 +200,29 @@ def test_window_words_by_start_relative_and_clipped():
 def test_clean_text():
   assert transcripts.clean_text("&gt;&gt; MARY: I&#39;m <i>here</i> ♪ [Laughter] - ok") == (
       "I'm here ok")
+
+
+def test_vtt_cues_agree_with_webvtt_py_and_we_keep_what_it_drops():
+  # webvtt-py is the well-kept WebVTT reader; our parser is kept because it handles what
+  # webvtt-py does not (README, "Transcript formats"). Here: both read the same cues (times and
+  # text) from the test captions, and the cases that decided it.
+  webvtt = pytest.importorskip("webvtt")
+  import io  # pylint: disable=g-import-not-at-top
+  from data_pipelines.transcripts import _cues  # pylint: disable=g-import-not-at-top
+  for text in (YOUTUBE_VTT, "WEBVTT\n\nNOTE c\n\nid\n00:01.000 --> 00:04.000 line:0\n"
+               "<v Bob>Hi</v> <b>you</b>\n\n00:00:04.000 --> 00:00:06.000\n>> Next\n"):
+    theirs = [(transcripts._seconds(c.start), transcripts._seconds(c.end), c.raw_text)
+              for c in webvtt.from_buffer(io.StringIO(text))]
+    ours = [(start, end, "\n".join(lines)) for start, end, lines in _cues(text)]
+    assert [t[:2] for t in theirs] == [t[:2] for t in ours]
+    assert [transcripts.clean_text(t[2]) for t in theirs] == [
+        transcripts.clean_text(t[2]) for t in ours]
+  # webvtt-py keeps the rolling repeats (16 words where 9 were spoken) and gives no word
+  # times; it drops a cue with a broken timing line without a word, where we refuse the file.
+  repeats = " ".join(transcripts.clean_text(c.raw_text)
+                     for c in webvtt.from_buffer(io.StringIO(YOUTUBE_VTT))).split()
+  assert len(repeats) > len(transcripts.parse_string(YOUTUBE_VTT, "vtt")) == 9
+  broken = "WEBVTT\n\n00:00:01.000 --> soon\nhi\n"
+  assert list(webvtt.from_buffer(io.StringIO(broken))) == []
+  with pytest.raises(TranscriptError, match="bad cue timing"):
+    transcripts.parse_string(broken, "vtt")

@@ -108,6 +108,9 @@ KEYS: tuple[tuple[str, Any, str], ...] = (
     ("data.text_len", 50, "tokens per transcript (the read-out token included)"),
     ("data.{span_tries,min_words_per_clip}", (8, 1), "spans tried for one with words in every "
      "clip; otherwise `valid=False`"),
+    ("data.min_video_seconds", 0.0, "records shorter than this are `valid=False` (a video "
+     "shorter than every span is otherwise sampled on the span [0, duration - 1], cut into "
+     "`num_clips` clips with the same gaps)"),
     ("data.shuffle_buffer", 1_000, "examples"),
     ("data.{eval_batch_size,eval_batches}", (0, 8), "the evaluations' global batch (0 = "
      "`batch_size`); held-out batches of `sort` and `t2v_retrieval`"),
@@ -264,6 +267,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if positions < 0 or (positions and d.text_len > positions):
     raise ConfigError(f"data.text_len={d.text_len} exceeds model.text.max_positions="
                       f"{positions}, the text tower's position table (0: as long as text_len)")
+  if d.min_video_seconds < 0:
+    raise ConfigError(f"data.min_video_seconds={d.min_video_seconds} must be >= 0")
   if not d.clip_seconds or min(d.clip_seconds) <= 0:
     raise ConfigError(f"data.clip_seconds={d.clip_seconds} must be positive lengths")
   for kind, path in init_sources(config.init_from):

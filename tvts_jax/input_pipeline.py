@@ -60,6 +60,8 @@ from tvts_jax import sampling
 # Keys of the batch dict (the contract above).
 BATCH_KEYS = ("video", "text_ids", "text_mask", "order", "valid", "clip_labels", "label")
 _EXAMPLE_KEYS = ("video", "texts", "order", "valid", "clip_labels", "label")
+# Training examples also carry `shortened`, which `BatchIterator` counts and takes out.
+_TRAIN_KEYS = _EXAMPLE_KEYS + ("shortened",)
 # Stream tags folded into the seeds so that training and evaluation draws never coincide.
 _TRAIN_TAG, _EVAL_TAG = 1, 2
 _MAX_CYCLE = 16  # files read at once: more mixing, more open files and read buffers
@@ -246,6 +248,8 @@ class BatchIterator:
     per_host_batch: examples per batch.
     num_examples: examples yielded so far.
     num_invalid: of which valid=False (e.g. no span with words in every clip).
+    num_shortened: of which the video was shorter than every span, so the span was shortened
+      to [0, duration - 1] (`sampling._choose_span`); valid or not.
   """
 
   def __init__(self, dataset: tf.data.Dataset, per_host_batch: int):
@@ -254,6 +258,7 @@ class BatchIterator:
     self._iterator = dataset.as_numpy_iterator()
     self.num_examples = 0
     self.num_invalid = 0
+    self.num_shortened = 0
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
@@ -262,6 +267,8 @@ class BatchIterator:
     batch = next(self._iterator)
     self.num_examples += batch["valid"].size
     self.num_invalid += int(np.sum(~batch["valid"]))
+    if "shortened" in batch:  # a statistic, not part of the batch contract
+      self.num_shortened += int(np.sum(batch.pop("shortened")))
     return batch
 
   @property
@@ -335,7 +342,7 @@ def make_train_dataset(config: ml_collections.ConfigDict, records_pattern, token
     key = tf.random.experimental.stateless_fold_in(
         tf.random.experimental.stateless_fold_in(base, epoch), index)
     out = sampling.sample_example(records.parse(serialized), key, o)
-    return {name: out[name] for name in _EXAMPLE_KEYS}
+    return {name: out[name] for name in _TRAIN_KEYS}
 
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return _finish(ds, config, batch_size, tokenizer_path), batch_size
@@ -356,7 +363,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, records_pattern, toke
 
   Returns:
     A `BatchIterator` of per-host batches of config.batch_size // process_count examples;
-    its `valid_rate` / `num_invalid` count the examples emitted with valid=False.
+    its `valid_rate` / `num_invalid` count the examples emitted with valid=False, and
+    `num_shortened` those of videos shorter than every span.
   """
   ds, batch_size = make_train_dataset(config, records_pattern, tokenizer_path,
                                       start_step=start_step, process_index=process_index,
@@ -449,7 +457,7 @@ def measure_throughput(config: ml_collections.ConfigDict, records_pattern, token
     dict(clips_per_s, clips_per_s_per_core (clips_per_s / local cores), clips_per_cpu_s
     (clips per CPU-second this process used: the per-core rate that does not depend on what
     else runs on the machine), cores, batch_size, batches, seconds, cpu_seconds, valid_rate,
-    frames, image_size).
+    shortened (examples with a shortened span), frames, image_size).
   """
   it = make_train_iterator(config, records_pattern, tokenizer_path, process_index=0,
                            process_count=1)
@@ -465,7 +473,7 @@ def measure_throughput(config: ml_collections.ConfigDict, records_pattern, token
   return dict(clips_per_s=clips / seconds, clips_per_s_per_core=clips / seconds / cores,
               clips_per_cpu_s=clips / cpu_seconds, cores=cores,
               batch_size=it.per_host_batch, batches=num_batches, seconds=seconds,
-              cpu_seconds=cpu_seconds, valid_rate=it.valid_rate,
+              cpu_seconds=cpu_seconds, valid_rate=it.valid_rate, shortened=it.num_shortened,
               frames=int(config.data.num_frames), image_size=int(config.data.image_size))
 
 

@@ -8,6 +8,9 @@ host, epoch, position) alone.
   `K * L + (K - 1) * gap_seconds` fits in the video; span start uniform in
   [0, duration - span] (a continuous start: the reference's whole-second start plus sub-second
   jitter, kept inside the video). Clip i covers [start + i (L + gap), ... + L).
+- A video shorter than every such span is shortened as the reference does: the span
+  [0, duration - 1] is cut into K clips with the same gaps, L = (duration - 1 - (K - 1) gap) / K
+  (`shortened` is True; invalid if L <= 0). A record shorter than `min_video_seconds` is invalid.
 - Transcript i: the words whose START time lies in clip i, joined by spaces.
 - Up to `span_tries` spans are drawn; the first whose every clip has >= `min_words_per_clip`
   words is used. If none has (or no length fits), the example is emitted with valid=False and
@@ -36,7 +39,7 @@ def options(config: ml_collections.ConfigDict) -> dict[str, Any]:
               image_size=int(d.image_size), resize_short=int(d.resize_short),
               clip_seconds=tuple(float(s) for s in d.clip_seconds),
               gap_seconds=float(d.gap_seconds), span_tries=max(1, int(d.span_tries)),
-              min_words=int(d.min_words_per_clip))
+              min_words=int(d.min_words_per_clip), min_seconds=float(d.min_video_seconds))
 
 
 def _first_true(x: tf.Tensor) -> tf.Tensor:
@@ -48,22 +51,29 @@ def _first_true(x: tf.Tensor) -> tf.Tensor:
 def _choose_span(ex: dict[str, tf.Tensor], keys: tf.Tensor, o: dict[str, Any]):
   """Draws `span_tries` spans at once and keeps the first whose every clip has enough words.
 
+  A video shorter than every span gets the reference's fallback: the span [0, duration - 1]
+  cut into K clips with the same gaps (the same for every try).
+
   Returns:
-    (valid, clip_starts [K], clip_len, inside [K, num_words] word-in-clip mask).
+    (valid, clip_starts [K], clip_len, inside [K, num_words] word-in-clip mask, shortened).
   """
   k, tries = o["num_clips"], o["span_tries"]
   duration = ex["duration"]
   choices = tf.constant(o["clip_seconds"], tf.float32)
   fits = k * choices + (k - 1) * o["gap_seconds"] <= duration
   num_fit = tf.reduce_sum(tf.cast(fits, tf.int32))
-  # A placeholder length where none fits keeps the shapes; such examples are invalid anyway.
-  fitting = tf.concat([tf.boolean_mask(choices, fits), choices[:1]], 0)
+  shortened = num_fit == 0
+  # Where no length fits, the only candidate is the fallback's length (<= 0 for a video too
+  # short for K clips and their gaps: invalid).
+  short_len = (duration - 1.0 - (k - 1) * o["gap_seconds"]) / k
+  fitting = tf.concat([tf.boolean_mask(choices, fits), tf.reshape(short_len, [1])], 0)
   pick = tf.random.stateless_uniform([tries], keys[0])
   pick = tf.minimum(tf.cast(pick * tf.cast(tf.maximum(num_fit, 1), tf.float32), tf.int32),
                     tf.maximum(num_fit, 1) - 1)
   clip_len = tf.gather(fitting, pick)  # [tries]
   span = k * clip_len + (k - 1) * o["gap_seconds"]
   start = tf.random.stateless_uniform([tries], keys[1]) * tf.maximum(duration - span, 0.0)
+  start = tf.where(shortened, 0.0, start)  # the fallback span starts the video
   clip_starts = start[:, None] + tf.range(k, dtype=tf.float32)[None] * (
       clip_len + o["gap_seconds"])[:, None]  # [tries, K]
   clip_ends = clip_starts + clip_len[:, None]
@@ -71,9 +81,11 @@ def _choose_span(ex: dict[str, tf.Tensor], keys: tf.Tensor, o: dict[str, Any]):
   inside = ((word_times[None, None, :] >= clip_starts[..., None]) &
             (word_times[None, None, :] < clip_ends[..., None]))  # [tries, K, words]
   counts = tf.reduce_sum(tf.cast(inside, tf.int32), -1)
-  ok = tf.reduce_all(counts >= o["min_words"], -1) & (num_fit > 0)
+  ok = (tf.reduce_all(counts >= o["min_words"], -1) & (clip_len > 0) &
+        (duration >= o["min_seconds"]))
   chosen = tf.minimum(_first_true(ok), tries - 1)
-  return tf.reduce_any(ok), clip_starts[chosen], clip_len[chosen], inside[chosen]
+  return (tf.reduce_any(ok), clip_starts[chosen], clip_len[chosen], inside[chosen],
+          shortened)
 
 
 def _clip_labels(ex: dict[str, tf.Tensor], clip_starts: tf.Tensor,
@@ -141,12 +153,13 @@ def sample_example(ex: dict[str, tf.Tensor], key: tf.Tensor,
 
   Returns:
     dict with `video`, `texts` (string [K], shuffled), `order`, `valid`, `clip_labels`,
-    `label`, and for inspection `clip_texts` (string [K], in time order), `span_start`,
+    `label`, `shortened` (the span was shortened to fit a short video), and for inspection
+    `clip_texts` (string [K], in time order), `span_start`,
     `clip_len`, `clip_starts` [K], `frame_index` [T] and `crop` [2] (y, x offset after resize).
   """
   k, t, s = o["num_clips"], o["num_frames"], o["image_size"]
   keys = tf.random.experimental.stateless_split(key, num=5)
-  valid, clip_starts, clip_len, inside = _choose_span(ex, keys[:2], o)
+  valid, clip_starts, clip_len, inside, shortened = _choose_span(ex, keys[:2], o)
   num_frames = tf.size(ex["frames"])
   valid &= num_frames > 0
 
@@ -176,6 +189,7 @@ def sample_example(ex: dict[str, tf.Tensor], key: tf.Tensor,
       valid=valid,
       clip_labels=_clip_labels(ex, clip_starts, clip_len),
       label=tf.cast(ex["label"], tf.int32),
+      shortened=shortened,
       clip_texts=clip_texts,
       span_start=span_start,
       clip_len=clip_len,
