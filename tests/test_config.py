@@ -54,7 +54,8 @@ def test_unknown_key_is_named(key, value, message):
     ({"nonfinite": "ignore"}, "nonfinite='ignore'; must be one of"),
     ({"optim.schedule": "linear"}, "optim.schedule='linear'"),
     ({"init_from": "bert:/x"},
-     r"'bert:/x' is not one of \['mae:PATH', 'distilbert:PATH', 'tvts_torch:PATH'\]"),
+     r"'bert:/x' is not one of \['mae:PATH', 'distilbert:PATH', 'clip:PATH', 'tvts_torch:PATH', "
+     r"'tvts_v2_torch:PATH'\]"),
     ({"model.video.temporal_init_std": 0.0}, "temporal_init_std must be > 0"),
     ({"model.attention": "flash"}, "model.attention='flash'; must be one of"),
     ({"model.attention": "cudnn"}, "'cudnn': cuDNN attention runs in bfloat16 only"),

@@ -435,7 +435,7 @@ def test_tvts_torch_reports_the_text_model_and_rejects_unknown_keys(tmp_path):
 
 def test_unknown_init_from_kind():
   with pytest.raises(convert.ConversionError, match="mae:PATH"):
-    convert.parse_init_from("clip:/x.pth")
+    convert.parse_init_from("bert:/x.pth")
 
 
 def test_a_reference_checkpoint_with_its_distilbert_loads_whole(tmp_path):

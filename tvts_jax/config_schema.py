@@ -24,8 +24,12 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 NONFINITE_POLICIES = ("skip", "stop")
 TEMPORAL_INITS = ("zeros", "normal")
-INIT_KINDS = ("mae", "distilbert", "tvts_torch")
-TEXT_ARCHS = ("tvts", "distilbert")  # model.text.arch (tvts_jax/models/text_tower.py)
+INIT_KINDS = ("mae", "distilbert", "clip", "tvts_torch", "tvts_v2_torch")
+TEXT_ARCHS = ("tvts", "distilbert", "clip")  # model.text.arch (tvts_jax/models/text_tower.py)
+ATTENTION_LAYOUTS = ("joint", "divided")
+MASKS = ("per_slice", "tube")
+ACTIVATIONS = ("gelu", "quick_gelu")
+CONTRASTIVE_HEADS = ("projections", "identity")
 # Keys that configs used to have, and what replaced them: named in the error instead of "unknown".
 REPLACED_KEYS = {
     "eval_every_steps": "evals.<name>.every_steps (e.g. evals.sort.every_steps)",
@@ -58,7 +62,8 @@ KEYS: tuple[tuple[str, Any, str], ...] = (
      "norms, softmax and losses (on CPU also fp32 activations: docs/performance.md)"),
     ("init_from", "", "comma-separated `KIND:PATH` sources applied in order when a run starts "
      "without a checkpoint: `mae:` (ImageNet MAE ViT), `distilbert:` (a Hugging Face "
-     "DistilBERT folder or file), `tvts_torch:` (a reference TVTS checkpoint)"),
+     "DistilBERT folder or file), `clip:` (a Hugging Face CLIP: both towers), `tvts_torch:` / "
+     "`tvts_v2_torch:` (a reference TVTS / TVTSv2 checkpoint)"),
     ("nonfinite", "skip", "a non-finite loss/gradient: `skip` the update (counted) or `stop` "
      "naming the step"),
     ("mesh.{data,fsdp}", (-1, 1), "device mesh; -1 = all remaining devices"),
@@ -71,6 +76,9 @@ KEYS: tuple[tuple[str, Any, str], ...] = (
     ("optim.warmup_steps", 0, "linear warmup"),
     ("optim.grad_clip_norm", 0.0, "global-norm clipping; 0 = off"),
     ("model.embed_dim", 256, "contrastive projection"),
+    ("model.contrastive_head", "projections", "`projections`: a Linear on the video CLS and "
+     "ReLU + Linear on each transcript feature, to `embed_dim` (TVTS); `identity`: the towers' "
+     "own outputs (TVTSv2: their `proj_dim`s, equal to `embed_dim`)"),
     ("model.remat", "none", "per-block rematerialisation: `none`, `full`, `dots`, "
      "`dots_no_batch` (on CPU only with `scan_layers=True`)"),
     ("model.scan_layers", False, "scan over blocks (compile time independent of depth)"),
@@ -81,18 +89,32 @@ KEYS: tuple[tuple[str, Any, str], ...] = (
     ("model.video.keep_ratio", 0.25, "patches kept per sample and temporal slice in training "
      "(all at evaluation)"),
     ("model.video.ln_eps", 1e-6, "LayerNorm epsilon"),
+    ("model.video.attention_layout", "joint", "`joint` space-time attention (TVTS), or "
+     "`divided`: in every block a temporal attention (each patch with its slot in every frame, "
+     "and the CLS) before the spatial one, its output zero at init (TVTSv2)"),
+    ("model.video.mask", "per_slice", "token keeping: `per_slice` (each temporal slice its own "
+     "patches) or `tube` (the same positions in every slice; `divided` needs it)"),
+    ("model.video.{patch_bias,ln_pre}", (True, False), "a bias in the patch embedding; a "
+     "LayerNorm on the tokens entering the blocks (CLIP's `ln_pre`)"),
+    ("model.video.activation", "gelu", "the blocks' MLP: `gelu` (exact) or `quick_gelu` "
+     "(CLIP's)"),
+    ("model.video.proj_dim", 0, "> 0: every output token projected to this width after the "
+     "final LayerNorm (CLIP's `proj`); the sorter then works at this width"),
     ("model.video.temporal_init", "zeros", "temporal embedding init: `zeros` (the reference, "
      "which starts from MAE) or `normal`"),
     ("model.video.temporal_init_std", 0.02, "std of `normal`; from scratch, the patch "
      "embeddings' scale (~1) lets the sorter see time from step 0 (the demo uses 1.0)"),
     ("model.text.arch", "distilbert", "the transcript encoder: `distilbert` (post-LN, "
-     "embedding LayerNorm, [CLS] read-out: the reference's) or `tvts` (pre-LN, BOS read-out)"),
+     "embedding LayerNorm, [CLS] read-out: the reference's), `clip` (CLIP's: causal, pre-LN, "
+     "QuickGELU, read at the end-of-text token) or `tvts` (pre-LN, BOS read-out)"),
     ("model.text.{vocab_size,width,depth,num_heads,mlp_dim}", (30_522, 768, 6, 12, 3072),
      "distilbert-base-uncased"),
     ("model.text.max_positions", 512, "rows of the position table; 0 = `data.text_len`"),
+    ("model.text.proj_dim", 0, "> 0: the feature projected to this width (CLIP's "
+     "`text_projection`)"),
     ("model.text.ln_eps", 1e-12, "LayerNorm epsilon"),
-    ("model.sorter.{depth,num_heads,mlp_dim}", (2, 12, 3072), "the sorter (width = video "
-     "width)"),
+    ("model.sorter.{depth,num_heads,mlp_dim}", (2, 12, 3072), "the sorter (its width: the "
+     "video tower's output, `proj_dim` or `width`)"),
     ("model.sorter.ln_eps", 1e-6, "LayerNorm epsilon"),
     ("data.{train_records,eval_records}", ("", ""), "globs, comma-separated globs or "
      "directories of shards; empty train = the demo data"),
@@ -186,7 +208,7 @@ def cudnn_attention_problem(config: ml_collections.ConfigDict) -> str | None:
             f"{config.compute_dtype!r})")
   v = config.model.video
   for tower, width in (("video", v.width), ("text", config.model.text.width),
-                       ("sorter", v.width)):
+                       ("sorter", output_widths(config)[0])):
     heads = config.model[tower].num_heads
     head_dim = width // heads if heads > 0 else 0
     if head_dim % 8 or not 0 < head_dim <= 128:
@@ -227,6 +249,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("model.attention", config.model.attention, ATTENTION_IMPLEMENTATIONS)
   _choice("nonfinite", config.nonfinite, NONFINITE_POLICIES)
   _choice("model.text.arch", config.model.text.arch, TEXT_ARCHS)
+  _choice("model.video.attention_layout", config.model.video.attention_layout, ATTENTION_LAYOUTS)
+  _choice("model.video.mask", config.model.video.mask, MASKS)
+  _choice("model.video.activation", config.model.video.activation, ACTIVATIONS)
+  _choice("model.contrastive_head", config.model.contrastive_head, CONTRASTIVE_HEADS)
   _choice("model.video.temporal_init", config.model.video.temporal_init, TEMPORAL_INITS)
   if not config.model.video.temporal_init_std > 0:
     raise ConfigError("model.video.temporal_init_std must be > 0, got "
@@ -256,9 +282,24 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if t.width % t.num_heads:
       raise ConfigError(f"model.{tower}.width={t.width} is not divisible by "
                         f"num_heads={t.num_heads}")
-  if v.width % config.model.sorter.num_heads:
+  video_out, text_out = output_widths(config)
+  if v.width % config.model.sorter.num_heads or video_out % config.model.sorter.num_heads:
     raise ConfigError(f"model.sorter.num_heads={config.model.sorter.num_heads} does not "
-                      f"divide the sorter width (model.video.width={v.width})")
+                      f"divide the sorter width ({video_out}: the video tower's output)")
+  if (v.attention_layout == "divided" and config.model.video.keep_ratio < 1
+      and v.mask != "tube"):
+    raise ConfigError("model.video.attention_layout='divided' attends over each spatial slot "
+                      "through time, so token keeping must keep the same slots in every frame: "
+                      f"set model.video.mask='tube' (got {v.mask!r}), or keep_ratio=1")
+  if config.model.contrastive_head == "identity" and not (
+      video_out == text_out == config.model.embed_dim):
+    raise ConfigError(f"model.contrastive_head='identity' compares the towers' outputs: the "
+                      f"video tower gives {video_out} (model.video.proj_dim or width), the text "
+                      f"tower {text_out} (model.text.proj_dim or width), model.embed_dim is "
+                      f"{config.model.embed_dim}; they must be equal")
+  for name in ("video", "text"):
+    if config.model[name].proj_dim < 0:
+      raise ConfigError(f"model.{name}.proj_dim={config.model[name].proj_dim} must be >= 0")
   if config.model.attention == "cudnn" and (problem := cudnn_attention_problem(config)):
     raise ConfigError(f"model.attention='cudnn': {problem}")  # 'auto' falls back to 'xla'
   if d.text_len < 2:
@@ -278,6 +319,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.mesh.fsdp < 1 or (config.mesh.data < 1 and config.mesh.data != -1):
     raise ConfigError(f"mesh={config.mesh}; data is -1 or >= 1 and fsdp >= 1")
   return config
+
+
+def output_widths(config) -> tuple[int, int]:
+  """(video, text) output widths of the towers: their proj_dim when set, else their width."""
+  v, t = config.model.video, config.model.text
+  return v.proj_dim or v.width, t.proj_dim or t.width
 
 
 def init_sources(init_from: str) -> list[tuple[str, str]]:

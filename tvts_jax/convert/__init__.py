@@ -4,9 +4,11 @@
     --config.init_from=distilbert:/path/distilbert-base-uncased    # a Hugging Face DistilBERT
     --config.init_from=mae:/w/mae.pth,distilbert:/w/distilbert     # several, applied in order
     --config.init_from=tvts_torch:/path/tvts_checkpoint.pth        # the reference's PyTorch TVTS
+    --config.init_from=clip:/path/clip-vit-base-patch16            # both towers from CLIP (v2)
+    --config.init_from=tvts_v2_torch:/path/TVTSv2_ViT_B_16.pth     # a released TVTSv2 model
 
 Each kind has a module that documents its key mapping (`mae.py`, `distilbert.py`,
-`tvts_torch.py`); each source is reported in the log (converted, skipped), and at the end which
+`clip.py`, `tvts_torch.py`, `tvts_v2_torch.py`); each source is reported in the log (converted, skipped), and at the end which
 of our parameters kept their initialisation. Files are
 `.safetensors` or PyTorch pickles read with torch's weights-only loader (torch is an optional
 dependency, imported only for those). Every foreign key is used, or deliberately skipped and
@@ -23,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from tvts_jax import config_schema
-from tvts_jax.convert import distilbert, mae, tvts_torch
+from tvts_jax.convert import clip, distilbert, mae, tvts_torch, tvts_v2_torch
 from tvts_jax.convert import state_dict as sd_lib
 from tvts_jax.convert.state_dict import ConversionError, load_state_dict  # noqa: F401
 from tvts_jax.models import layers
@@ -41,6 +43,18 @@ def _distilbert(path: str, config) -> tuple[dict[str, Any], sd_lib.Report]:
   return distilbert.convert(sd, config), sd.report
 
 
+def _clip(path: str, config) -> tuple[dict[str, Any], sd_lib.Report]:
+  file = clip.weights_file(path)
+  sd = sd_lib.StateDict(load_state_dict(file, ("state_dict", "model")), file)
+  return clip.convert(sd, config), sd.report
+
+
+def _tvts_v2_torch(path: str, config) -> tuple[dict[str, Any], sd_lib.Report]:
+  sd = sd_lib.StateDict(
+      tvts_torch.strip_ddp_prefix(load_state_dict(path, ("state_dict", "model"))), path)
+  return tvts_v2_torch.convert(sd, config), sd.report
+
+
 def _tvts_torch(path: str, config) -> tuple[dict[str, Any], sd_lib.Report]:
   sd = sd_lib.StateDict(
       tvts_torch.strip_ddp_prefix(load_state_dict(path, ("state_dict", "model"))), path)
@@ -51,7 +65,9 @@ def _tvts_torch(path: str, config) -> tuple[dict[str, Any], sd_lib.Report]:
 CONVERTERS: dict[str, Callable[[str, Any], tuple[dict[str, Any], sd_lib.Report]]] = {
     "mae": _mae,
     "distilbert": _distilbert,
+    "clip": _clip,
     "tvts_torch": _tvts_torch,
+    "tvts_v2_torch": _tvts_v2_torch,
 }
 assert set(CONVERTERS) == set(config_schema.INIT_KINDS)
 

@@ -31,8 +31,6 @@ import json
 import os
 from typing import Any
 
-import numpy as np
-
 from tvts_jax.convert import state_dict as sd_lib
 from tvts_jax.models import text_tower
 
@@ -80,12 +78,6 @@ def check_hf_config(path: str, config) -> None:
         f"{text_tower.num_positions(config)} (model.text.max_positions / data.text_len)")
 
 
-def _qkv(sd: sd_lib.StateDict, key: str, ours: str, d: int) -> dict[str, np.ndarray]:
-  parts = [sd_lib.linear(sd, f"{key}.{n}_lin", f"{ours}/kernel[{n}]", d, d) for n in "qkv"]
-  return {"kernel": np.concatenate([p["kernel"] for p in parts], axis=1),
-          "bias": np.concatenate([p["bias"] for p in parts])}
-
-
 def convert_text(sd: sd_lib.StateDict, prefix: str, config) -> dict[str, Any]:
   """DistilBERT's tensors under `prefix` -> our `text` subtree (list layout).
 
@@ -114,7 +106,8 @@ def convert_text(sd: sd_lib.StateDict, prefix: str, config) -> dict[str, Any]:
   for i in range(t.depth):
     key, ours = f"{prefix}transformer.layer.{i}", f"text/blocks/layers/{i}"
     layers[i] = {
-        "attn": {"qkv": _qkv(sd, f"{key}.attention", f"{ours}/attn/qkv", d),
+        "attn": {"qkv": sd_lib.fused_qkv(sd, tuple(f"{key}.attention.{n}_lin" for n in "qkv"),
+                                         f"{ours}/attn/qkv", d),
                  "proj": sd_lib.linear(sd, f"{key}.attention.out_lin", f"{ours}/attn/proj", d,
                                        d)},
         "norm1": sd_lib.layer_norm(sd, f"{key}.sa_layer_norm", f"{ours}/norm1", d),

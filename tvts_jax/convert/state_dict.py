@@ -230,6 +230,16 @@ def layer_norm(sd: StateDict, key: str, ours: str, width: int) -> dict[str, np.n
           "bias": sd.take(f"{key}.bias", f"{ours}/bias", (width,))}
 
 
+def fused_qkv(sd: StateDict, keys: tuple[str, str, str], ours: str,
+              width: int) -> dict[str, np.ndarray]:
+  """Separate q, k, v Linears ([D, D] weights, as Hugging Face models keep them) -> our fused
+  qkv {kernel [D, 3D], bias [3D]}: the three kernels side by side, q|k|v, each (head, head_dim)
+  as those models split them."""
+  parts = [linear(sd, key, f"{ours}[{name}]", width, width) for key, name in zip(keys, "qkv")]
+  return {"kernel": np.concatenate([p["kernel"] for p in parts], axis=1),
+          "bias": np.concatenate([p["bias"] for p in parts])}
+
+
 def block(sd: StateDict, key: str, ours: str, width: int, mlp_dim: int) -> dict[str, Any]:
   """One timm ViT block (norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2) -> our Block.
 

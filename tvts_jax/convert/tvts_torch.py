@@ -72,6 +72,19 @@ def _projection(sd: sd_lib.StateDict, names: tuple[str, str], ours: str, in_feat
   return sd_lib.linear(sd, key, ours, in_features, out_features)
 
 
+def convert_sorter(sd: sd_lib.StateDict, config) -> dict[str, Any]:
+  """`pred_model.*` (the reference's SortTransformer, also TVTSv2's) -> our `sorter` (all but
+  its `text_proj`), at the width of the video tower's output."""
+  s, k = config.model.sorter, config.data.num_clips
+  d = config_schema.output_widths(config)[0]
+  return {
+      "type_embed": sd.take("pred_model.type_embed", "sorter/type_embed", (1, 2, d))[0],
+      "blocks": sd_lib.blocks(sd, "pred_model.blocks", "sorter/blocks", s.depth, d, s.mlp_dim),
+      "norm": sd_lib.layer_norm(sd, "pred_model.norm", "sorter/norm", d),
+      "head": sd_lib.linear(sd, "pred_model.head", "sorter/head", d, k),
+  }
+
+
 def convert(sd: sd_lib.StateDict, config) -> dict[str, Any]:
   """Maps a reference TVTS state dict (prefix already stripped) onto our parameters.
 
@@ -86,9 +99,9 @@ def convert(sd: sd_lib.StateDict, config) -> dict[str, Any]:
   Raises:
     state_dict.ConversionError: a missing key, an unexpected key or a shape mismatch (named).
   """
-  v, s = config.model.video, config.model.sorter
+  v = config.model.video
   d, p, t = v.width, v.patch_size, v.tubelet
-  dt, e, k = config.model.text.width, config.model.embed_dim, config.data.num_clips
+  dt, e = config.model.text.width, config.model.embed_dim
   n = config_schema.num_tokens_per_slice(config)
   num_tubes = config.data.num_frames // t
 
@@ -106,15 +119,9 @@ def convert(sd: sd_lib.StateDict, config) -> dict[str, Any]:
       "blocks": sd_lib.blocks(sd, "video_model.blocks", "video/blocks", v.depth, d, v.mlp_dim),
       "norm": sd_lib.layer_norm(sd, "video_model.norm", "video/norm", d),
   }
-  sorter = {
-      "type_embed": sd.take("pred_model.type_embed", "sorter/type_embed", (1, 2, d))[0],
-      "blocks": sd_lib.blocks(sd, "pred_model.blocks", "sorter/blocks", s.depth, d, s.mlp_dim),
-      "norm": sd_lib.layer_norm(sd, "pred_model.norm", "sorter/norm", d),
-      "head": sd_lib.linear(sd, "pred_model.head", "sorter/head", d, k),
-  }
   out = {
       "video": video,
-      "sorter": sorter,
+      "sorter": convert_sorter(sd, config),
       "video_proj": _projection(sd, ("vid_proj.0", "vid_proj"), "video_proj", d, e),
       "text_proj": _projection(sd, ("txt_proj.1", "txt_proj"), "text_proj", dt, e),
   }

@@ -121,7 +121,8 @@ class Attention(nnx.Module):
       rngs: parameter initialisation.
       attention: the implementation, one of `platform.ATTENTION_KERNELS`.
       zero_init: qkv all zeros and proj's kernel all ones (TVTSv2's temporal attention): the
-        output is exactly zero at init, and every weight still gets a gradient.
+        output is exactly zero at init, and the value columns of qkv get a gradient through
+        the all-ones projection (with a zero projection nothing would).
     """
     if width % num_heads:
       raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")

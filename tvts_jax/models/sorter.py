@@ -6,7 +6,8 @@ their order: permuting the transcripts permutes the rows of the output, and the 
 be read off the video. (Nothing has a position embedding, so the order of the sequence is
 free: the transcripts come first, which lets the last block compute only their K rows.)
 
-Parameters (D = model.video.width, Dt = model.text.width, K = data.num_clips):
+Parameters (D = the video tower's output width, model.video.proj_dim or width; Dt = the text
+tower's, model.text.proj_dim or width; K = data.num_clips):
     text_proj/kernel, bias  [Dt, D], [D]   only when Dt != D
     type_embed              [2, D]         zero-init; row 0 video, row 1 text
     blocks/layers/...       see layers.BlockStack (model.sorter depth/heads/mlp_dim, width D)
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from tvts_jax import config_schema
 from tvts_jax.models import layers, platform
 
 
@@ -35,7 +37,7 @@ class Sorter(nnx.Module):
       rngs: parameter initialisation.
     """
     s = config.model.sorter
-    width, text_width = config.model.video.width, config.model.text.width
+    width, text_width = config_schema.output_widths(config)
     self.dtype = platform.activation_dtype(config.compute_dtype)
     self.width = width
     self.num_clips = config.data.num_clips

@@ -26,7 +26,7 @@ every LayerNorm is `scale` + `bias`.
     video/blocks/layers/<i>/mlp/fc2          [mlp_dim, D]
     video/norm                               [D]
     text/token_embed/embedding [V, Dt]
-    text/pos_embed [1, L, Dt]
+    text/pos_embed [1, L, Dt]                (L: model.text.max_positions, or data.text_len)
     text/blocks/layers/<i>/...               as above, width Dt
     text/norm                                [Dt]
     sorter/text_proj                         [Dt, D]  (only when Dt != D)
@@ -34,8 +34,13 @@ every LayerNorm is `scale` + `bias`.
     sorter/blocks/layers/<i>/...             as above, width D, model.sorter.mlp_dim
     sorter/norm                              [D]
     sorter/head                              [D, K]
-    video_proj                               [D, E]
-    text_proj                                [Dt, E]
+    video_proj                               [D, E]   (contrastive_head='projections')
+    text_proj                                [Dt, E]  (contrastive_head='projections')
+
+That is TVTS (v1). The towers' options add to it (video_vit.py, text_tower.py: e.g. `video/ln_pre`,
+`video/proj` [D, Pv], `video/blocks/layers/<i>/{time_norm,time_attn}` with divided attention,
+`text/embed_norm`, `text/proj` [Dt, Pt]); D and Dt above are then the towers' output widths
+where the sorter and the heads read them (`config_schema.output_widths`).
 
 With `model.scan_layers=True` each `blocks/layers/<i>/...` becomes `blocks/layers/...` with a
 leading [depth] axis; `layers.to_list_layout` / `layers.to_scanned_layout` convert between the
@@ -93,10 +98,12 @@ class TVTS(nnx.Module):
     self.sorter = Sorter(config, rngs=rngs)
     # The projections and everything after them run in float32: they are small, and the
     # contrastive logits are divided by a temperature of 0.05.
-    self.video_proj = layers.linear(config.model.video.width, config.model.embed_dim,
-                                    jnp.float32, rngs)
-    self.text_proj = layers.linear(config.model.text.width, config.model.embed_dim,
-                                   jnp.float32, rngs)
+    if config.model.contrastive_head == "projections":
+      video_width, text_width = config_schema.output_widths(config)
+      self.video_proj = layers.linear(video_width, config.model.embed_dim, jnp.float32, rngs)
+      self.text_proj = layers.linear(text_width, config.model.embed_dim, jnp.float32, rngs)
+    else:  # 'identity': the towers' own projected outputs (TVTSv2)
+      self.video_proj = self.text_proj = None
 
   def encode_video(self, video: jax.Array, keep_rng: jax.Array | None = None) -> jax.Array:
     """All video tokens after the final LayerNorm.
@@ -126,12 +133,18 @@ class TVTS(nnx.Module):
     return self.text(text_ids, text_mask)
 
   def video_embedding(self, video_cls: jax.Array) -> jax.Array:
-    """The contrastive embedding of videos from their CLS tokens [B, D]: L2-normalised [B, E]."""
+    """The contrastive embedding of videos from their CLS tokens [B, D]: L2-normalised [B, E]
+    (`model.contrastive_head`: a Linear, or the CLS itself)."""
+    if self.video_proj is None:
+      return l2_normalize(video_cls)
     return l2_normalize(self.video_proj(video_cls))
 
   def text_embedding(self, text_features: jax.Array) -> jax.Array:
     """The contrastive embedding of texts from their K features [B, K, Dt]: the mean of the K
-    projections, L2-normalised [B, E] (K may be 1: one caption, one query)."""
+    projections (ReLU + Linear; or the features themselves), L2-normalised [B, E]. K may be 1:
+    one caption, one query."""
+    if self.text_proj is None:
+      return l2_normalize(jnp.mean(text_features, axis=1))
     return l2_normalize(jnp.mean(self.text_proj(jax.nn.relu(text_features)), axis=1))
 
   def __call__(self, video: jax.Array, text_ids: jax.Array, text_mask: jax.Array, *,
