@@ -7,7 +7,7 @@ from flax import nnx
 import pytest
 
 from configs import tiny
-from tvts_jax import optim, sharding, train
+from tvts_jax import config_schema, optim, sharding, train
 
 
 def _random_batch(config, seed=0, batch_size=None):
@@ -181,3 +181,66 @@ def test_tiny_config_trains_end_to_end(tmp_path):
     assert out["eval"][f"{name}/num_examples"] > 0
   assert (tmp_path / "config.json").exists()
   assert (tmp_path / "checkpoints" / "40").exists()
+
+
+def _groups_trainer(rules, steps, **overrides):
+  config = tiny.get_config()
+  config.optim.update(schedule="constant", lr=1e-4, param_groups=rules, **overrides)
+  trainer = train.Trainer(config, _mesh(8, 1, 8))
+  init = jax.device_get(trainer.state["params"])
+  batch = _random_batch(config)
+  for _ in range(steps):
+    trainer.step(batch)
+  return trainer, init, jax.device_get(trainer.state["params"])
+
+
+def test_param_groups_freeze_and_scale_the_learning_rate():
+  frozen = ("^text/blocks/", 0.0, 0.0)
+  trainer, init, after = _groups_trainer((frozen, ("", 1.0, 0.0)), steps=5)
+  # Frozen: bit-identical after 5 steps, and no optimizer state for them.
+  for a, b in zip(jax.tree.leaves(init["text"]["blocks"]), jax.tree.leaves(after["text"]["blocks"])):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(init["video"]["norm"]["scale"], after["video"]["norm"]["scale"])
+  trainable = sum(x.size for k, v in init.items() for x in jax.tree.leaves(v)) - sum(
+      x.size for x in jax.tree.leaves(init["text"]["blocks"]))
+  moments = sum(x.size for x in jax.tree.leaves(trainer.state["opt_state"]) if x.ndim)
+  assert moments == 2 * trainable  # AdamW's mu and nu of the trainable parameters only
+  assert trainer.param_groups[0].startswith("'^text/blocks/': ") and "frozen" in \
+      trainer.param_groups[0]
+
+  # The same gradient, the video tower at 1e-3 x the rate: AdamW's first update is
+  # lr * g / (|g| + eps), so it moves exactly 1000x less.
+  config = tiny.get_config()
+  graphdef = trainer.graphdef
+  params = trainer.state["params"]
+  grads = jax.grad(lambda p: train.model_outputs_and_loss(
+      graphdef, p, _random_batch(config), jax.random.key(0), config)[0])(params)
+  moves = []
+  for rules in ((frozen, ("", 1.0, 0.0)), (frozen, ("^video/", 1e-3, 0.0), ("", 1.0, 0.0))):
+    config.optim.update(schedule="constant", lr=1e-4, eps=1e-12, param_groups=rules)
+    tx = optim.make_optimizer(config)
+    moves.append(jax.device_get(tx.update(grads, tx.init(params), params)[0]))
+  for a, b in zip(jax.tree.leaves(moves[0]["video"]), jax.tree.leaves(moves[1]["video"])):
+    np.testing.assert_allclose(b, 1e-3 * a, rtol=1e-4, atol=1e-14)
+  assert np.abs(moves[0]["video"]["norm"]["scale"]).max() > 5e-5  # ~lr
+  np.testing.assert_array_equal(moves[0]["sorter"]["head"]["kernel"],
+                                moves[1]["sorter"]["head"]["kernel"])
+  assert not np.any(moves[1]["text"]["blocks"]["layers"][0]["mlp"]["fc1"]["kernel"])
+
+
+def test_param_group_errors_are_named():
+  config = tiny.get_config()
+  config.optim.param_groups = (("^nothing/", 1.0, 0.0), ("", 1.0, 0.0))
+  with pytest.raises(config_schema.ConfigError, match="'\\^nothing/' of optim.param_groups "
+                                                      "matches no parameter"):
+    train.Trainer(config, _mesh(8, 1, 8))
+  config.optim.param_groups = (("^video/", 1.0, 0.0),)
+  with pytest.raises(config_schema.ConfigError, match="the parameter (sorter|text)/.* matches no rule"):
+    train.Trainer(config, _mesh(8, 1, 8))
+  config.optim.param_groups = (("^video/blocks/layers/0/", 0.0, 0.0), ("", 1.0, 0.0))
+  config.model.scan_layers = True
+  with pytest.raises(config_schema.ConfigError, match="set model.scan_layers=False"):
+    train.Trainer(config, _mesh(8, 1, 8))
+  config.optim.param_groups = (("(", 1.0, 0.0),)
+  with pytest.raises(config_schema.ConfigError, match="is not a regex"):
+    config_schema.validate(config)

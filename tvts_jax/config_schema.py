@@ -75,6 +75,9 @@ KEYS: tuple[tuple[str, Any, str], ...] = (
      "and 16 of 20"),
     ("optim.warmup_steps", 0, "linear warmup"),
     ("optim.grad_clip_norm", 0.0, "global-norm clipping; 0 = off"),
+    ("optim.param_groups", (), "ordered rules `(regex, lr_multiplier, weight_decay)` over the "
+     "parameter paths, the first match wins (replacing `weight_decay` and its mask); "
+     "multiplier 0 freezes (tvts_jax/optim.py)"),
     ("model.embed_dim", 256, "contrastive projection"),
     ("model.contrastive_head", "projections", "`projections`: a Linear on the video CLS and "
      "ReLU + Linear on each transcript feature, to `embed_dim` (TVTS); `identity`: the towers' "
@@ -312,6 +315,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"data.min_video_seconds={d.min_video_seconds} must be >= 0")
   if not d.clip_seconds or min(d.clip_seconds) <= 0:
     raise ConfigError(f"data.clip_seconds={d.clip_seconds} must be positive lengths")
+  for rule in config.optim.param_groups:
+    ok = (isinstance(rule, (tuple, list)) and len(rule) == 3 and isinstance(rule[0], str)
+          and all(isinstance(x, (int, float)) and x >= 0 for x in rule[1:]))
+    if not ok:
+      raise ConfigError(f"optim.param_groups rule {rule!r}: expected (regex, lr_multiplier >= 0, "
+                        "weight_decay >= 0)")
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      raise ConfigError(f"optim.param_groups rule {rule[0]!r} is not a regex: {e}") from None
   for kind, path in init_sources(config.init_from):
     if kind not in INIT_KINDS or not path:
       raise ConfigError(f"init_from={config.init_from!r}: {kind + ':' + path!r} is not one of "

@@ -81,17 +81,26 @@ def model_outputs_and_loss(graphdef, params, batch, rng, config, *, keep_tokens=
 
 
 def train_step(state, batch, *, graphdef, tx, config):
-  """One AdamW step on the global batch. A non-finite loss or gradient skips the update."""
+  """One AdamW step on the global batch. A non-finite loss or gradient skips the update.
+
+  Parameters that `optim.param_groups` freeze get no gradient (the loss sees them through a
+  stop-gradient, so their weight gradients are never computed) and are passed through as
+  they are.
+  """
   rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+  frozen = optim.frozen_mask(config, state["params"])  # static: decided by the paths alone
+  hold = lambda tree: jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, tree,
+                                   frozen)
   grad_fn = jax.value_and_grad(
-      lambda p: model_outputs_and_loss(graphdef, p, batch, rng, config), has_aux=True)
+      lambda p: model_outputs_and_loss(graphdef, hold(p), batch, rng, config), has_aux=True)
   (loss, (metrics, _)), grads = grad_fn(state["params"])
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def update(params, opt_state):
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    new = optax.apply_updates(params, updates)
+    return jax.tree.map(lambda n, p, f: p if f else n, new, params, frozen), opt_state
 
   # Keep the old state when the step is not finite: NaNs never reach params or checkpoints.
   # A cond rather than a per-leaf `where(finite, new, old)`: the select reads the old state
@@ -125,6 +134,10 @@ class Trainer:
 
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
+    # Parameter groups are checked on the abstract parameters, before anything is allocated.
+    self.param_groups = (optim.describe_groups(
+        config, tvts_model.abstract_model(config)[1].to_pure_dict())
+                         if config.optim.param_groups else [])
     self.tx = optim.make_optimizer(config)
     self.state, self.state_shardings, self.graphdef = create_train_state(config, mesh, self.tx)
     self.batch_sharding = sharding.batch_sharding(mesh)
@@ -218,6 +231,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   n_params = sum(x.size for x in jax.tree.leaves(trainer.state["params"]))
   logging.info("model: %.2fM parameters; mesh %s; %d process(es)", n_params / 1e6,
                dict(mesh.shape), jax.process_count())
+  for line in trainer.param_groups:
+    logging.info("optim.param_groups %s", line)
 
   train_iter: Iterator = input_pipeline.make_train_iterator(
       config, data["train"], data["tokenizer"], start_step=start_step)
