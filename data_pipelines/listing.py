@@ -105,12 +105,13 @@ def list_videos(videos_dir: str, num_shards: int, labels: str | None = None
 
 def read_manifest(path: str, num_shards: int, labels: str | None = None
                   ) -> tuple[list[video_records.VideoItem], list[str] | None]:
-  """Reads a CSV manifest with columns `video`, `transcript` (optional) and `label` (optional).
+  """Reads a CSV manifest: columns `video`, and optionally `transcript`, `label`, `caption`.
 
   Relative paths are relative to the manifest's directory; an empty transcript cell means
   none. With `labels="csv"` the label column gives the class: names are mapped to their
   index in the sorted list of names; if every label is a non-negative integer, that integer
-  is the label (keeps an official class numbering, e.g. Something-Something v2).
+  is the label (keeps an official class numbering, e.g. Something-Something v2). A `caption`
+  cell (MSR-VTT-style sets) is stored with the video's records for caption retrieval.
 
   Args:
     path: the CSV file (local or tf.io.gfile).
@@ -154,6 +155,7 @@ def read_manifest(path: str, num_shards: int, labels: str | None = None
       skip = "" if label >= 0 else "no_label"
     transcript = resolve(row["transcript"]) if row.get("transcript") else None
     stem = os.path.splitext(os.path.basename(video))[0]
-    items.append(video_records.VideoItem(video, transcript, stem, label=label, skip=skip))
+    items.append(video_records.VideoItem(video, transcript, stem, label=label, skip=skip,
+                                         caption=row.get("caption", "")))
     rel_of[video] = row["video"]
   return _assign(items, num_shards, rel_of), class_names

@@ -22,9 +22,11 @@ bounded in size). Times are seconds from the start of the record's window.
 | `segment_ends`   | float list    | segment end times (s)                                 |
 | `transcript_asr` | bytes         | `BACKEND:MODEL` when the words came from our speech   |
 |                  |               | recognition (`prepare --asr`, `transcribe`), else ""  |
+| `caption`        | bytes         | a caption of the whole video (a labelled set's manifest |
+|                  |               | `caption` column: MSR-VTT-style retrieval), else ""   |
 
-`transcript_asr` is optional (records written before it read as ""), so the schema version
-did not change.
+`transcript_asr` and `caption` are optional (records written before them read as ""), so the
+schema version did not change.
 
 Next to the shards, `dataset_info.json` holds the counts, the options used and
 `SCHEMA_VERSION`; readers check the version.
@@ -64,6 +66,7 @@ class VideoRecord:
   segment_starts: Sequence[float] = ()
   segment_ends: Sequence[float] = ()
   transcript_asr: str = ""
+  caption: str = ""
 
 
 def _bytes(values):
@@ -104,6 +107,7 @@ def serialize(r: VideoRecord) -> bytes:
       "segment_starts": _floats(r.segment_starts),
       "segment_ends": _floats(r.segment_ends),
       "transcript_asr": _bytes([r.transcript_asr.encode()]),
+      "caption": _bytes([r.caption.encode()]),
   }
   # Deterministic: protobuf writes map entries in a per-process order otherwise, and the local
   # and Beam converters must write byte-identical shards.
@@ -121,6 +125,7 @@ _SCALARS = {
     "width": tf.io.FixedLenFeature([], tf.int64),
     "label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
     "transcript_asr": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "caption": tf.io.FixedLenFeature([], tf.string, default_value=""),
 }
 _LISTS = {
     "frames": tf.string, "frame_times": tf.float32,

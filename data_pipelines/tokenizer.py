@@ -24,6 +24,7 @@ Importing this module does not import TensorFlow (only training from records, an
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from typing import Iterable, Sequence
@@ -152,6 +153,12 @@ def load(path: str) -> Tokenizer:
     return HFTokenizer(path)
   raise ValueError(f"{path}: a tokenizer is a sentencepiece {SENTENCEPIECE_SUFFIX} or a "
                    f"Hugging Face {HF_FILE}")
+
+
+@functools.lru_cache(maxsize=None)
+def load_cached(path: str) -> Tokenizer:
+  """`load(path)`, once per process (the input pipeline calls it once per batch)."""
+  return load(path)
 
 
 def check_vocab(tok: Tokenizer, vocab_size: int, exact: bool) -> None:

@@ -124,6 +124,7 @@ class VideoItem:
     shard: output shard index.
     label: class index for labelled sets, -1 otherwise.
     skip: a skip reason already known when listing (e.g. `no_label`), or "".
+    caption: a caption of the whole video (a manifest's `caption` column), or "".
   """
   video: str
   transcript: str | None
@@ -131,6 +132,7 @@ class VideoItem:
   shard: int = 0
   label: int = -1
   skip: str = ""
+  caption: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +219,8 @@ def _recognise(video_path: str, options: Options, stats: dict[str, Any]
 
 
 def _convert(video_path: str, transcript_path: str | None, options: Options, video_id: str,
-             label: int) -> tuple[list[records.VideoRecord] | Skip, dict[str, Any]]:
+             label: int, caption: str = ""
+             ) -> tuple[list[records.VideoRecord] | Skip, dict[str, Any]]:
   """`convert_video`, plus statistics for the summary."""
   stats = {"seconds": 0.0, "words": 0, "words_past_end": 0, "transcript_ignored": "",
            "asr": ""}
@@ -266,12 +269,13 @@ def _convert(video_path: str, transcript_path: str | None, options: Options, vid
         word_starts=[w.start for w in in_window],
         word_ends=[w.end for w in in_window],
         label=label,
-        transcript_asr=stats["asr"]))
+        transcript_asr=stats["asr"],
+        caption=caption))
   return out, stats
 
 
 def convert_video(video_path: str, transcript_path: str | None, options: Options = Options(),
-                  *, video_id: str | None = None, label: int = -1
+                  *, video_id: str | None = None, label: int = -1, caption: str = ""
                   ) -> list[records.VideoRecord] | Skip:
   """Converts one video (and its transcript) into records, one per window.
 
@@ -283,6 +287,7 @@ def convert_video(video_path: str, transcript_path: str | None, options: Options
     options: conversion options.
     video_id: id of the records (windows get `@k`); default the file's stem.
     label: class index for labelled sets.
+    caption: a caption of the whole video, stored in every record of it.
 
   Returns:
     The records in time order, or a `Skip` saying why the video cannot be used. Unexpected
@@ -290,7 +295,7 @@ def convert_video(video_path: str, transcript_path: str | None, options: Options
   """
   if video_id is None:
     video_id = os.path.splitext(os.path.basename(video_path))[0]
-  return _convert(video_path, transcript_path, options, video_id, label)[0]
+  return _convert(video_path, transcript_path, options, video_id, label, caption)[0]
 
 
 def process_item(item: VideoItem, options: Options
@@ -310,7 +315,7 @@ def process_item(item: VideoItem, options: Options
   else:
     try:
       result, stats = _convert(item.video, item.transcript, options, item.video_id,
-                               item.label)
+                               item.label, item.caption)
     except Exception as e:  # pylint: disable=broad-except
       # One unforeseen failure must not end a run over millions of videos. It is logged
       # with its traceback and counted under its own reason, so it gets looked at.

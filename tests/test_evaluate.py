@@ -228,6 +228,11 @@ def test_eval_mode_checkpoint_random_init_and_export(trained_workdir, capsys):
               "sort/sort_acc", "sort/position_acc", "t2v_retrieval/R@1"):
     assert 0.0 <= ckpt[key] <= 1.0, key
   assert ckpt["probe/top1"] <= ckpt["probe/top5"]
+  # Zero-shot classification names the demo's 9 actions through the prompt; the demo has no
+  # captions, so caption retrieval says so.
+  assert ckpt["zero_shot_classification/num_classes"] == 9
+  assert 0.0 <= ckpt["zero_shot_classification/top1"] <= ckpt["zero_shot_classification/top5"]
+  assert "carry a caption" in results["checkpoint"]["skipped"]["caption_retrieval"]
   assert ckpt["v2v_retrieval/R@1"] <= ckpt["v2v_retrieval/R@5"] <= ckpt["v2v_retrieval/R@10"]
   assert -1.0 <= ckpt["sort/kendall_tau"] <= 1.0
   assert 1 <= ckpt["t2v_retrieval/median_rank"] <= ckpt["t2v_retrieval/num_queries"]
@@ -249,6 +254,32 @@ def test_eval_mode_checkpoint_random_init_and_export(trained_workdir, capsys):
   exp = results["export"]
   assert exp["metrics"]["v2v_retrieval/R@1"] == pytest.approx(ckpt["v2v_retrieval/R@1"])
   assert "--export_full" in exp["skipped"]["sort"] and "sort/sort_acc" not in exp["metrics"]
+
+
+def test_caption_retrieval_over_records_with_captions(trained_workdir, tmp_path):
+  workdir, _ = trained_workdir
+  path = str(tmp_path / "cap-test.tfrecord-00000-of-00001")
+  captions = ["a red circle", "a blue square", "", "the cross grows", "it moves left",
+              "two shapes"]
+  with tf.io.TFRecordWriter(path) as w:
+    for i, caption in enumerate(captions):
+      r = _record(f"v{i}", i)
+      r.frames = [_frame(i + j) for j in range(16)]
+      r.caption = caption
+      w.write(records.serialize(r))
+  config = _eval_config()
+  config.evals.caption_retrieval.records = path
+  config.evals.zero_shot_classification.update(records=path,
+                                               class_names=tuple(f"c{i}" for i in range(6)))
+  results = evaluate.evaluate(config, workdir, names=("caption_retrieval",
+                                                      "zero_shot_classification"))
+  m = results["checkpoint"]["metrics"]
+  for direction in ("t2v", "v2t"):  # the five captioned videos, not the one without
+    assert m[f"caption_retrieval/{direction}/num_queries"] == 5
+    assert m[f"caption_retrieval/{direction}/R@10"] == 1.0  # every rank is <= 5
+    assert 1 <= m[f"caption_retrieval/{direction}/median_rank"] <= 5
+  assert m["zero_shot_classification/num_examples"] == 6
+  assert m["zero_shot_classification/top5"] >= m["zero_shot_classification/top1"]
 
 
 def test_eval_refuses_a_workdir_trained_with_another_model(trained_workdir):

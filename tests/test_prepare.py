@@ -333,12 +333,13 @@ def test_manifest_with_csv_labels(videos, tmp_path):
   manifest = tmp_path / "set.csv"
   with open(manifest, "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["video", "transcript", "label"])
-    w.writerow([str(videos / "good_whisper.mp4"), str(videos / "good_whisper.json"), "walk"])
-    w.writerow([os.path.relpath(videos / "short.mp4", tmp_path), "", "jump"])
-    w.writerow([str(videos / "good_vtt.mp4"), "", "run"])
-    w.writerow([str(videos / "no_transcript.mp4"), "", ""])
-    w.writerow([str(videos / "missing.mp4"), "", "run"])
+    w.writerow(["video", "transcript", "label", "caption"])
+    w.writerow([str(videos / "good_whisper.mp4"), str(videos / "good_whisper.json"), "walk",
+                "a man walks the dog"])
+    w.writerow([os.path.relpath(videos / "short.mp4", tmp_path), "", "jump", ""])
+    w.writerow([str(videos / "good_vtt.mp4"), "", "run", ""])
+    w.writerow([str(videos / "no_transcript.mp4"), "", "", ""])
+    w.writerow([str(videos / "missing.mp4"), "", "run", ""])
   out = tmp_path / "out"
   info = prepare.prepare(None, str(out), 1, options(), manifest=str(manifest),
                          labels="csv", split="test")
@@ -348,6 +349,9 @@ def test_manifest_with_csv_labels(videos, tmp_path):
   assert {k: r["label"] for k, r in recs.items()} == {"good_vtt": 1, "good_whisper": 2}
   assert recs["good_vtt"]["words"] == []  # labelled sets need no transcript
   assert recs["good_whisper"]["words"] == [w for w, _, _ in GOOD_WORDS]
+  # The caption column (caption retrieval) is stored; an empty cell is "".
+  assert (recs["good_whisper"]["caption"], recs["good_vtt"]["caption"]) == (
+      "a man walks the dog", "")
   assert info["files"] == ["tvts-test.tfrecord-00000-of-00001"]
 
 

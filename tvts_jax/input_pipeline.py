@@ -190,9 +190,7 @@ def _check_readable(files: Sequence[str], skip_corrupt: bool) -> None:
 # Tokenizing and batching.
 
 
-@functools.lru_cache(maxsize=None)
-def _tokenizer(path: str) -> tokenizer_lib.Tokenizer:
-  return tokenizer_lib.load(path)
+
 
 
 def _tokenize_batch(batch: dict[str, tf.Tensor], tokenizer_path: str,
@@ -200,7 +198,7 @@ def _tokenize_batch(batch: dict[str, tf.Tensor], tokenizer_path: str,
   """Tokenizes the [B, K] transcripts of a batch in one Python call."""
   def encode(texts):
     flat = [t.decode() for t in texts.reshape(-1)]
-    ids, mask = _tokenizer(tokenizer_path).encode(flat, text_len)
+    ids, mask = tokenizer_lib.load_cached(tokenizer_path).encode(flat, text_len)
     return ids.reshape(texts.shape + (text_len,)), mask.reshape(texts.shape + (text_len,))
 
   texts = batch.pop("texts")

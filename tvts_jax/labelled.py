@@ -21,7 +21,7 @@ from tvts_jax import sampling
 from tvts_jax.input_pipeline import EvalBatches, list_files, process_of, read_file, split_batch
 
 
-LABELLED_KEYS = ("video", "label", "valid")
+LABELLED_KEYS = ("video", "label", "valid", "caption")
 _SPAN_FEATURES = ("duration", "label", "segment_labels", "segment_starts", "segment_ends")
 
 
@@ -58,12 +58,15 @@ def _tsn_example(serialized: tf.Tensor, start: tf.Tensor, end: tf.Tensor, label:
   index = tf.argmin(tf.abs(frame_times[None, :] - centres[:, None]), axis=1,
                     output_type=tf.int32)
   valid = tf.size(ex["frames"]) > 0
-  native, size, _ = sampling.crop_window(ex, tf.zeros([2], tf.int64), o)  # its random offset unused
+  # The crop window's random offset is not used: the crop is centred.
+  native, size, _ = sampling.crop_window(ex, tf.zeros([2], tf.int64), o)
   offset = (size - s) // 2
-  video = tf.cond(valid,
-                  lambda: sampling.decode_frames(tf.gather(ex["frames"], index), native, size, offset, o),
-                  lambda: tf.zeros([t, s, s, 3], tf.uint8))
-  return dict(video=tf.ensure_shape(video, [t, s, s, 3]), label=label, valid=valid)
+  video = tf.cond(
+      valid,
+      lambda: sampling.decode_frames(tf.gather(ex["frames"], index), native, size, offset, o),
+      lambda: tf.zeros([t, s, s, 3], tf.uint8))
+  return dict(video=tf.ensure_shape(video, [t, s, s, 3]), label=label, valid=valid,
+              caption=ex["caption"])
 
 
 def _read_all(files: Sequence[str], skip_corrupt: bool) -> tf.data.Dataset:
@@ -128,7 +131,8 @@ def make_labelled_iterator(config: ml_collections.ConfigDict, records_pattern, *
     `LabelledBatches` of dicts: video uint8 [B, T, S, S, 3] (T = data.num_frames frames, the
     stored frame nearest the middle of each of T equal segments of the example's span; the
     short side resized to resize_short and a centre S x S crop, S = image_size), label int32
-    [B] (-1 on padding), valid bool [B]; B = global eval batch // process_count.
+    [B] (-1 on padding), valid bool [B], caption bytes [B] (the record's, "" if none);
+    B = global eval batch // process_count.
 
   Raises:
     ValueError: no labelled example in the records.
@@ -159,7 +163,7 @@ def make_labelled_iterator(config: ml_collections.ConfigDict, records_pattern, *
               deterministic=True)
   t, s = o["num_frames"], o["image_size"]
   pad = dict(video=tf.zeros([t, s, s, 3], tf.uint8), label=tf.constant(-1, tf.int32),
-             valid=tf.constant(False))
+             valid=tf.constant(False), caption=tf.constant(""))
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
   ds = ds.take(num_batches * batch_size).batch(batch_size, drop_remainder=True)
   opts = tf.data.Options()

@@ -16,6 +16,8 @@ way (`run`); results are keyed `<name>/<metric>`.
     attentive_probe    attentive_probe.py      cross-attention pooler on frozen tokens
     v2v_retrieval      retrieval.py            video-to-video retrieval by class
     t2v_retrieval      retrieval.py            text-to-video retrieval on held-out examples
+    zero_shot_classification   zero_shot.py    classes named through a prompt, by similarity
+    caption_retrieval  zero_shot.py            text-to-video / video-to-text with captions
 
 A new protocol is one new file with an `Evaluator` subclass, and one line here.
 """
@@ -29,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from tvts_jax import config_schema
-from tvts_jax.evaluators import attentive_probe, common, probe, retrieval, sort
+from tvts_jax.evaluators import attentive_probe, common, probe, retrieval, sort, zero_shot
 from tvts_jax.evaluators.common import Context, EvalData, ModelFns, SkipEvaluation
 
 __all__ = ["REGISTRY", "config", "check_config", "build", "run", "Context", "EvalData",
@@ -42,6 +44,8 @@ REGISTRY: dict[str, type[common.Evaluator]] = {
     "attentive_probe": attentive_probe.AttentiveProbe,
     "v2v_retrieval": retrieval.VideoToVideo,
     "t2v_retrieval": retrieval.TextToVideo,
+    "zero_shot_classification": zero_shot.ZeroShotClassification,
+    "caption_retrieval": zero_shot.CaptionRetrieval,
 }
 # Keys every evaluation has, besides its type's options.
 COMMON_OPTIONS = {
@@ -81,6 +85,8 @@ def standard(sort_every_steps: int = 0) -> ml_collections.ConfigDict:
       probe=config("probe"),
       attentive_probe=config("attentive_probe"),
       v2v_retrieval=config("v2v_retrieval"),
+      zero_shot_classification=config("zero_shot_classification"),
+      caption_retrieval=config("caption_retrieval"),
   ))
 
 

@@ -19,6 +19,7 @@ import dataclasses
 from typing import Any, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -116,6 +117,15 @@ class ModelFns:
       return dict(sort_logits=out["sort_logits"], video_emb=out["video_emb"],
                   text_emb=out["text_emb"], order=batch["order"], valid=batch["valid"])
 
+    def video_embedding(params, cls):
+      return nnx.merge(graphdef, params).video_embedding(cls)
+
+    def text_embedding(params, ids, mask):
+      model = nnx.merge(graphdef, params)
+      return model.text_embedding(model.encode_text(ids[:, None], mask[:, None]))
+
+    self._video_emb = jax.jit(video_embedding, out_shardings=replicated)
+    self._text_emb = jax.jit(text_embedding, out_shardings=replicated)
     self._tokens = jax.jit(video_tokens, out_shardings=replicated)
     self._features = jax.jit(lambda p, v: video_tokens(p, v)[:, 0], out_shardings=replicated)
     self._heldout = jax.jit(heldout, static_argnums=(2,), out_shardings=replicated)
@@ -137,6 +147,16 @@ class ModelFns:
   def video_tokens(self, params, batch) -> np.ndarray:
     """[B, N, D]: every output token of the video tower (CLS first), every patch kept."""
     return sharding.to_host(self._tokens(params, batch["video"]))
+
+  def video_embedding(self, params, cls: np.ndarray) -> np.ndarray:
+    """[N, E]: the contrastive embedding of videos from their CLS features (`video_features`)."""
+    self.require_full_model(params)
+    return sharding.to_host(self._video_emb(params, jnp.asarray(cls)))
+
+  def text_embedding(self, params, ids, mask) -> np.ndarray:
+    """[N, E]: the contrastive embedding of texts, each tokenized text ([N, L]) one query."""
+    self.require_full_model(params)
+    return sharding.to_host(self._text_emb(params, ids, mask))
 
   def heldout(self, params, batch, shuffled: bool = False) -> dict[str, np.ndarray]:
     """Sort logits, contrastive embeddings, order and valid of held-out TVTS examples."""
@@ -188,13 +208,32 @@ class Evaluator:
 
   # Shared readers -------------------------------------------------------------------------
 
-  def labelled_batches(self, records: str, max_examples: int = 0):
-    """Global batches of labelled videos (`labelled.make_labelled_iterator`)."""
+  def labelled_batches(self, records: str, max_examples: int = 0,
+                       captions: bool = False):
+    """Global batches of labelled videos (`labelled.make_labelled_iterator`).
+
+    With `captions`, each record's caption is tokenized on its host (`caption_ids`,
+    `caption_mask` [B, L]; `has_caption` [B]) so that it travels as arrays like the rest of
+    the batch.
+    """
     from tvts_jax import labelled  # pylint: disable=g-import-not-at-top
     ctx = self.ctx
     for local in labelled.make_labelled_iterator(ctx.config, records,
-                                                       max_examples=int(max_examples)):
+                                                 max_examples=int(max_examples)):
+      texts = local.pop("caption")
+      if captions:
+        texts = [t.decode() for t in texts]
+        local["caption_ids"], local["caption_mask"] = self.tokenize(texts)
+        local["has_caption"] = np.array([bool(t.strip()) for t in texts])
       yield sharding.global_batch(local, ctx.mesh)
+
+  def tokenize(self, texts) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) [N, data.text_len] with the run's tokenizer."""
+    from data_pipelines import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+    if not self.ctx.data.tokenizer:
+      raise SkipEvaluation("no tokenizer: set data.tokenizer")
+    return tok_lib.load_cached(self.ctx.data.tokenizer).encode(
+        list(texts), int(self.ctx.config.data.text_len))
 
   def labelled_features(self, params, records: str,
                         max_examples: int = 0) -> tuple[np.ndarray, np.ndarray]:
