@@ -15,9 +15,13 @@ from tvts_jax.config_schema import ConfigError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("name", ["paper", "small", "demo", "tiny"])
+@pytest.mark.parametrize("name", sorted(
+    f[:-3] for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py")
+    and f != "__init__.py"))
 def test_shipped_configs_are_valid(name):
-  config_schema.validate(importlib.import_module(f"configs.{name}").get_config())
+  from tvts_jax import evaluators  # pylint: disable=g-import-not-at-top
+  config = config_schema.validate(importlib.import_module(f"configs.{name}").get_config())
+  evaluators.check_config(config)
 
 
 @pytest.mark.parametrize("key,value,message", [

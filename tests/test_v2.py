@@ -382,3 +382,46 @@ def test_tiny_divided_step_on_1_and_8_devices_agrees():
   assert l1[2] != l1[0]
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)
+
+
+def test_v2_b16_config_groups_are_the_published_ones():
+  """configs/tvts_v2_b16.py: which weights train at 1e-4, which at 1e-7, which are frozen, and
+  where weight decay applies (the published recipe's name rules)."""
+  from configs import tvts_v2_b16  # pylint: disable=g-import-not-at-top
+  from tvts_jax import optim  # pylint: disable=g-import-not-at-top
+  config = tvts_v2_b16.get_config()
+  params = tvts_model.abstract_model(config)[1].to_pure_dict()
+  labels = optim.param_labels(config, params)
+  rule = lambda path: config.optim.param_groups[int(_at(labels, path))][1:]
+  expect = {
+      "text/blocks/layers/8/mlp/fc1/kernel": (0.0, 0.0),  # frozen
+      "text/blocks/layers/8/norm1/scale": (0.0, 0.0),
+      "text/blocks/layers/9/attn/qkv/kernel": (1e-3, 0.05),
+      "text/blocks/layers/11/norm2/bias": (1e-3, 0.0),
+      "text/token_embed/embedding": (1e-3, 0.05),
+      "text/proj/kernel": (1e-3, 0.05),
+      "text/norm/scale": (1e-3, 0.0),
+      "video/temporal_embed": (1e-3, 0.05),  # random at init, yet in CLIP's group (published)
+      "video/cls_token": (1e-3, 0.05),
+      "video/pos_embed": (1e-3, 0.05),
+      "video/ln_pre/scale": (1e-3, 0.0),
+      "video/blocks/layers/3/attn/qkv/kernel": (1e-3, 0.05),
+      "video/blocks/layers/3/time_attn/qkv/kernel": (1.0, 0.05),
+      "video/blocks/layers/3/time_attn/proj/bias": (1.0, 0.0),
+      "video/blocks/layers/3/time_norm/scale": (1.0, 0.0),
+      "video/proj/kernel": (1e-3, 0.05),
+      "sorter/type_embed": (1.0, 0.05),
+      "sorter/blocks/layers/1/norm2/scale": (1.0, 0.0),
+      "sorter/head/kernel": (1.0, 0.05),
+      "sorter/head/bias": (1.0, 0.0),
+  }
+  assert {p: rule(p) for p in expect} == expect
+  lines = optim.describe_groups(config, params)
+  assert len(lines) == 5 and "frozen" in lines[0]
+  assert config.optim.lr * 1e-3 == pytest.approx(1e-7) and config.optim.eps == 1e-6
+
+
+def _at(tree, path):
+  for key in path.split("/"):
+    tree = tree[int(key) if key.isdigit() else key]
+  return tree

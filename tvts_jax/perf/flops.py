@@ -48,12 +48,27 @@ def _block_flops(batch: int, seq: int, width: int, mlp_dim: int,
   return kv + rows + attention
 
 
+def _divided_block_flops(batch: int, frames: int, n: int, width: int, mlp_dim: int) -> int:
+  """Forward matmul FLOPs of one divided space-time block over [CLS, frames x n patches].
+
+  Two attentions (temporal, then spatial), each with its q/k/v and output projections over
+  every token; the CLS query attends to every token, a patch to the CLS and its slot in every
+  frame (temporal) or its frame's patches (spatial); one MLP.
+  """
+  seq = 1 + frames * n
+  projections = 2 * (2 * batch * seq * 4 * width * width)
+  mlp = 2 * batch * seq * 2 * width * mlp_dim
+  pairs = 2 * seq + frames * n * (frames + 1) + frames * n * (n + 1)  # (query, key) pairs
+  return projections + mlp + 2 * 2 * batch * pairs * width
+
+
 def analytic_flops(config: ml_collections.ConfigDict, batch_size: int,
                    text_len: int | None = None) -> dict[str, int]:
   """Matmul FLOPs of one training step, counted from the config.
 
   Counts the forward matmuls whose results reach the loss, and multiplies by 3 (backward =
-  2 x forward: gradients of activations and of weights). Only what the loss reads is counted:
+  2 x forward: gradients of activations and of weights; frozen parameters' weight gradients,
+  which the step does not compute, are counted all the same). Only what the loss reads is counted:
   the video tower on the kept tokens, the text tower's last block for the first (read-out)
   token only, the sorter's last block for the K transcript positions only (keys and values of
   every token are counted in both). Elementwise work (LayerNorm, GELU, softmax, AdamW) is
@@ -76,18 +91,25 @@ def analytic_flops(config: ml_collections.ConfigDict, batch_size: int,
   kept = config_schema.num_kept_per_slice(config)
   video_tokens = 1 + tubes * kept
   e = config.model.embed_dim
+  dv, dt = config_schema.output_widths(config)  # what the sorter and the heads read
+  if v.attention_layout == "divided":
+    video_blocks = v.depth * _divided_block_flops(b, tubes, kept, v.width, v.mlp_dim)
+  else:
+    video_blocks = v.depth * _block_flops(b, video_tokens, v.width, v.mlp_dim)
+  heads = (2 * b * b * e  # contrastive similarity matrix
+           + (2 * b * k * dt * dv if dt != dv else 0)  # sorter input
+           + 2 * b * k * dv * k)  # sorter head
+  if config.model.contrastive_head == "projections":
+    heads += 2 * b * dv * e + 2 * b * k * dt * e  # video and text projections
   parts = {
       "patch_embed": 2 * b * tubes * kept * (v.tubelet * v.patch_size**2 * 3) * v.width,
-      "video_blocks": v.depth * _block_flops(b, video_tokens, v.width, v.mlp_dim),
+      "video_blocks": video_blocks + 2 * b * video_tokens * v.width * v.proj_dim,
       "text": ((t.depth - 1) * _block_flops(b * k, length, t.width, t.mlp_dim)
-               + _block_flops(b * k, length, t.width, t.mlp_dim, queries=1)),
-      "sorter": ((s.depth - 1) * _block_flops(b, video_tokens + k, v.width, s.mlp_dim)
-                 + _block_flops(b, video_tokens + k, v.width, s.mlp_dim, queries=k)),
-      "heads": (2 * b * v.width * e  # video projection
-                + 2 * b * k * t.width * e  # text projection
-                + 2 * b * b * e  # contrastive similarity matrix
-                + (2 * b * k * t.width * v.width if t.width != v.width else 0)  # sorter input
-                + 2 * b * k * v.width * k),  # sorter head
+               + _block_flops(b * k, length, t.width, t.mlp_dim, queries=1)
+               + 2 * b * k * t.width * t.proj_dim),
+      "sorter": ((s.depth - 1) * _block_flops(b, video_tokens + k, dv, s.mlp_dim)
+                 + _block_flops(b, video_tokens + k, dv, s.mlp_dim, queries=k)),
+      "heads": heads,
   }
   parts = {name: int(x) for name, x in parts.items()}
   parts["forward"] = sum(parts.values())
