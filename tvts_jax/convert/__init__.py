@@ -38,13 +38,13 @@ def _mae(path: str, config) -> tuple[dict[str, Any], sd_lib.Report]:
 
 def _distilbert(path: str, config) -> tuple[dict[str, Any], sd_lib.Report]:
   distilbert.check_hf_config(path, config)
-  file = distilbert.weights_file(path)
+  file = sd_lib.hf_weights_file(path)
   sd = sd_lib.StateDict(load_state_dict(file, ("state_dict", "model")), file)
   return distilbert.convert(sd, config), sd.report
 
 
 def _clip(path: str, config) -> tuple[dict[str, Any], sd_lib.Report]:
-  file = clip.weights_file(path)
+  file = sd_lib.hf_weights_file(path)
   sd = sd_lib.StateDict(load_state_dict(file, ("state_dict", "model")), file)
   return clip.convert(sd, config), sd.report
 

@@ -34,7 +34,6 @@ buffers. The sorter and the temporal parts keep their initialisation.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -45,17 +44,6 @@ from tvts_jax.models import text_tower
 
 SKIPPED_PREFIXES = ("logit_scale", "text_model.embeddings.position_ids",
                     "vision_model.embeddings.position_ids")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def weights_file(path: str) -> str:
-  """The weights file of a model folder (or `path` itself when it is a file)."""
-  if not os.path.isdir(path):
-    return path
-  for name in WEIGHT_FILES:
-    if os.path.exists(os.path.join(path, name)):
-      return os.path.join(path, name)
-  raise FileNotFoundError(f"{path}: no {' or '.join(WEIGHT_FILES)} in this folder")
 
 
 def hf_block(sd: sd_lib.StateDict, key: str, ours: str, width: int,

@@ -37,7 +37,6 @@ from tvts_jax.models import text_tower
 PREFIX = "distilbert."
 SKIPPED_PREFIXES = ("vocab_transform.", "vocab_layer_norm.", "vocab_projector.",
                     "pre_classifier.", "classifier.", "embeddings.position_ids")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # config.json key -> (our config key, how to read it off the config).
 _CONFIG_KEYS = {
     "dim": ("model.text.width", lambda c: c.model.text.width),
@@ -46,16 +45,6 @@ _CONFIG_KEYS = {
     "hidden_dim": ("model.text.mlp_dim", lambda c: c.model.text.mlp_dim),
     "vocab_size": ("model.text.vocab_size", lambda c: c.model.text.vocab_size),
 }
-
-
-def weights_file(path: str) -> str:
-  """The weights file of a model folder (or `path` itself when it is a file)."""
-  if not os.path.isdir(path):
-    return path
-  for name in WEIGHT_FILES:
-    if os.path.exists(os.path.join(path, name)):
-      return os.path.join(path, name)
-  raise FileNotFoundError(f"{path}: no {' or '.join(WEIGHT_FILES)} in this folder")
 
 
 def check_hf_config(path: str, config) -> None:

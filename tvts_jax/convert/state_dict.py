@@ -230,6 +230,20 @@ def layer_norm(sd: StateDict, key: str, ours: str, width: int) -> dict[str, np.n
           "bias": sd.take(f"{key}.bias", f"{ours}/bias", (width,))}
 
 
+# The weights file of a Hugging Face model folder, in the order they are looked for.
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def hf_weights_file(path: str) -> str:
+  """The weights file of a Hugging Face model folder (or `path` itself when it is a file)."""
+  if not os.path.isdir(path):
+    return path
+  for name in HF_WEIGHT_FILES:
+    if os.path.exists(os.path.join(path, name)):
+      return os.path.join(path, name)
+  raise FileNotFoundError(f"{path}: no {' or '.join(HF_WEIGHT_FILES)} in this folder")
+
+
 def fused_qkv(sd: StateDict, keys: tuple[str, str, str], ours: str,
               width: int) -> dict[str, np.ndarray]:
   """Separate q, k, v Linears ([D, D] weights, as Hugging Face models keep them) -> our fused
