@@ -389,7 +389,8 @@ class VideoEncoder:
 
   @property
   def width(self) -> int:
-    return self.config.model.video.width
+    """The width D of the features and tokens (the tower's projection width, if it has one)."""
+    return self.config.model.video.proj_dim or self.config.model.video.width
 
   def embed(self, video: Any) -> jax.Array:
     """The evaluation feature: the CLS token after the final LayerNorm, every patch kept.
