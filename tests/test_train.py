@@ -67,7 +67,9 @@ def test_step_on_1_and_8_devices_agree(text_arch):
   np.testing.assert_allclose(l1, l8, rtol=2e-5)
   assert l1[2] != l1[0]  # the steps changed the parameters
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)  # 1% of one update
+    # 5% of one update (~lr = 1e-3): with the post-LN tower, the reductions 8 devices reorder
+    # moved one weight of 12288 by 1.7e-5 in a run.
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=5e-5)
 
 
 def test_nonfinite_step_is_skipped_and_counted():
@@ -111,7 +113,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
   config = tiny.get_config()
   config.total_steps = 6
   config.checkpoint_every_steps = 3
-  config.evals.sort.every_steps = 100
+  config.evals = ml_collections.ConfigDict()  # what is compared is training: no eval compiles
   # The interrupted run is a 3-step run; a constant rate makes its first 3 steps those of the
   # 6-step run (a decay schedule depends on total_steps).
   config.optim.schedule = "constant"
@@ -186,7 +188,7 @@ def test_tiny_config_trains_end_to_end(tmp_path):
 def _groups_trainer(rules, steps, **overrides):
   config = tiny.get_config()
   config.optim.update(schedule="constant", lr=1e-4, param_groups=rules, **overrides)
-  trainer = train.Trainer(config, _mesh(8, 1, 8))
+  trainer = train.Trainer(config, _mesh(1, 1, 1))  # the groups do not depend on the mesh
   init = jax.device_get(trainer.state["params"])
   batch = _random_batch(config)
   for _ in range(steps):
@@ -213,13 +215,14 @@ def test_param_groups_freeze_and_scale_the_learning_rate():
   config = tiny.get_config()
   graphdef = trainer.graphdef
   params = trainer.state["params"]
-  grads = jax.grad(lambda p: train.model_outputs_and_loss(
-      graphdef, p, _random_batch(config), jax.random.key(0), config)[0])(params)
+  grads = jax.jit(jax.grad(lambda p: train.model_outputs_and_loss(
+      graphdef, p, _random_batch(config), jax.random.key(0), config)[0]))(params)
   moves = []
   for rules in ((frozen, ("", 1.0, 0.0)), (frozen, ("^video/", 1e-3, 0.0), ("", 1.0, 0.0))):
     config.optim.update(schedule="constant", lr=1e-4, eps=1e-12, param_groups=rules)
     tx = optim.make_optimizer(config)
-    moves.append(jax.device_get(tx.update(grads, tx.init(params), params)[0]))
+    moves.append(jax.device_get(jax.jit(lambda g, p, tx=tx: tx.update(g, tx.init(p), p)[0])(
+        grads, params)))
   for a, b in zip(jax.tree.leaves(moves[0]["video"]), jax.tree.leaves(moves[1]["video"])):
     np.testing.assert_allclose(b, 1e-3 * a, rtol=1e-4, atol=1e-14)
   assert np.abs(moves[0]["video"]["norm"]["scale"]).max() > 5e-5  # ~lr

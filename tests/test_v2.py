@@ -381,7 +381,7 @@ def test_tiny_divided_step_on_1_and_8_devices_agrees():
   np.testing.assert_allclose(l1, l8, rtol=2e-5)
   assert l1[2] != l1[0]
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=5e-5)  # as test_train.test_step_on_1_and_8_devices_agree
 
 
 def test_v2_b16_config_groups_are_the_published_ones():
