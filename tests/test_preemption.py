@@ -42,6 +42,7 @@ class Runs:
         # A decay schedule depends on total_steps, which differs between the interrupted
         # runs (left to run until a signal) and the reference.
         "--config.optim.schedule=constant",
+        "--config.evals.sort.every_steps=0",  # no evaluation: what is tested is training
     ]
 
   def start(self, name, total_steps, checkpoint_every_steps, workdir=None):
