@@ -46,30 +46,10 @@ SKIPPED_PREFIXES = ("logit_scale", "text_model.embeddings.position_ids",
                     "vision_model.embeddings.position_ids")
 
 
-def hf_block(sd: sd_lib.StateDict, key: str, ours: str, width: int,
-             mlp_dim: int) -> dict[str, Any]:
-  """One Hugging Face CLIP encoder layer -> our pre-LN Block."""
-  return {
-      "norm1": sd_lib.layer_norm(sd, f"{key}.layer_norm1", f"{ours}/norm1", width),
-      "attn": {"qkv": sd_lib.fused_qkv(sd, tuple(f"{key}.self_attn.{n}_proj" for n in "qkv"),
-                                       f"{ours}/attn/qkv", width),
-               "proj": sd_lib.linear(sd, f"{key}.self_attn.out_proj", f"{ours}/attn/proj", width,
-                                     width)},
-      "norm2": sd_lib.layer_norm(sd, f"{key}.layer_norm2", f"{ours}/norm2", width),
-      "mlp": {"fc1": sd_lib.linear(sd, f"{key}.mlp.fc1", f"{ours}/mlp/fc1", width, mlp_dim),
-              "fc2": sd_lib.linear(sd, f"{key}.mlp.fc2", f"{ours}/mlp/fc2", mlp_dim, width)},
-  }
-
-
-def layers(sd, key, ours, depth, width, mlp_dim, block_fn):
-  """`key.0` ... `key.{depth-1}` mapped by `block_fn` -> {'layers': {i: block}}; a depth
-  mismatch is an error naming both numbers."""
-  found = sd.count_indexed(f"{key}.")
-  if found != depth:
-    raise sd_lib.ConversionError(f"{sd.source}: {found} layers under {key + '.'!r}, this config "
-                                 f"builds {depth} ({ours}); set the matching depth")
-  return {"layers": {i: block_fn(sd, f"{key}.{i}", f"{ours}/layers/{i}", width, mlp_dim)
-                     for i in range(depth)}}
+# One Hugging Face CLIP encoder layer (pre-LN) in our Block's terms.
+LAYER = sd_lib.separate_qkv_block(dict(
+    norm1="layer_norm1", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+    out="self_attn.out_proj", norm2="layer_norm2", fc1="mlp.fc1", fc2="mlp.fc2"))
 
 
 def require(config, sd: sd_lib.StateDict, what: str) -> None:
@@ -126,8 +106,8 @@ def convert(sd: sd_lib.StateDict, config) -> dict[str, Any]:
                            (d,)).reshape(1, 1, d),
       "pos_embed": pos,
       "ln_pre": sd_lib.layer_norm(sd, f"{vis}pre_layrnorm", "video/ln_pre", d),
-      "blocks": layers(sd, f"{vis}encoder.layers", "video/blocks", v.depth, d, v.mlp_dim,
-                        hf_block),
+      "blocks": sd_lib.blocks(sd, f"{vis}encoder.layers", "video/blocks", v.depth, d,
+                              v.mlp_dim, LAYER),
       "norm": sd_lib.layer_norm(sd, f"{vis}post_layernorm", "video/norm", d),
       "proj": {"kernel": sd.take("visual_projection.weight", "video/proj/kernel",
                                  (v.proj_dim, d)).T},
@@ -137,8 +117,8 @@ def convert(sd: sd_lib.StateDict, config) -> dict[str, Any]:
                                            "text/token_embed/embedding", (t.vocab_size, dt))},
       "pos_embed": positions(sd, f"{txt}embeddings.position_embedding.weight", "text/pos_embed",
                              dt, text_tower.num_positions(config)),
-      "blocks": layers(sd, f"{txt}encoder.layers", "text/blocks", t.depth, dt, t.mlp_dim,
-                        hf_block),
+      "blocks": sd_lib.blocks(sd, f"{txt}encoder.layers", "text/blocks", t.depth, dt,
+                              t.mlp_dim, LAYER),
       "norm": sd_lib.layer_norm(sd, f"{txt}final_layer_norm", "text/norm", dt),
       "proj": {"kernel": sd.take("text_projection.weight", "text/proj/kernel",
                                  (t.proj_dim, dt)).T},

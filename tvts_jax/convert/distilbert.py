@@ -67,6 +67,13 @@ def check_hf_config(path: str, config) -> None:
         f"{text_tower.num_positions(config)} (model.text.max_positions / data.text_len)")
 
 
+# One DistilBERT transformer layer (post-LN: sa_layer_norm after attention, output_layer_norm
+# after the FFN, in our Block's norm1 / norm2 places).
+LAYER = sd_lib.separate_qkv_block(dict(
+    norm1="sa_layer_norm", q="attention.q_lin", k="attention.k_lin", v="attention.v_lin",
+    out="attention.out_lin", norm2="output_layer_norm", fc1="ffn.lin1", fc2="ffn.lin2"))
+
+
 def convert_text(sd: sd_lib.StateDict, prefix: str, config) -> dict[str, Any]:
   """DistilBERT's tensors under `prefix` -> our `text` subtree (list layout).
 
@@ -91,25 +98,13 @@ def convert_text(sd: sd_lib.StateDict, prefix: str, config) -> dict[str, Any]:
   if found != t.depth:
     raise sd_lib.ConversionError(f"{sd.source}: {found} DistilBERT layers, this config builds "
                                  f"model.text.depth={t.depth}")
-  layers = {}
-  for i in range(t.depth):
-    key, ours = f"{prefix}transformer.layer.{i}", f"text/blocks/layers/{i}"
-    layers[i] = {
-        "attn": {"qkv": sd_lib.fused_qkv(sd, tuple(f"{key}.attention.{n}_lin" for n in "qkv"),
-                                         f"{ours}/attn/qkv", d),
-                 "proj": sd_lib.linear(sd, f"{key}.attention.out_lin", f"{ours}/attn/proj", d,
-                                       d)},
-        "norm1": sd_lib.layer_norm(sd, f"{key}.sa_layer_norm", f"{ours}/norm1", d),
-        "mlp": {"fc1": sd_lib.linear(sd, f"{key}.ffn.lin1", f"{ours}/mlp/fc1", d, m),
-                "fc2": sd_lib.linear(sd, f"{key}.ffn.lin2", f"{ours}/mlp/fc2", m, d)},
-        "norm2": sd_lib.layer_norm(sd, f"{key}.output_layer_norm", f"{ours}/norm2", d),
-    }
   return {
       "token_embed": {"embedding": sd.take(f"{prefix}embeddings.word_embeddings.weight",
                                            "text/token_embed/embedding", (t.vocab_size, d))},
       "pos_embed": pos[None, :positions],
       "embed_norm": sd_lib.layer_norm(sd, f"{prefix}embeddings.LayerNorm", "text/embed_norm", d),
-      "blocks": {"layers": layers},
+      "blocks": sd_lib.blocks(sd, f"{prefix}transformer.layer", "text/blocks", t.depth, d, m,
+                              LAYER),
   }
 
 

@@ -271,9 +271,30 @@ def block(sd: StateDict, key: str, ours: str, width: int, mlp_dim: int) -> dict[
   }
 
 
-def blocks(sd: StateDict, key: str, ours: str, depth: int, width: int,
-           mlp_dim: int) -> dict[str, Any]:
-  """`key.0.*` ... `key.{depth-1}.*` -> our BlockStack {'layers': {i: block}} (list layout).
+def separate_qkv_block(names: dict[str, str]):
+  """A `block_fn` of `blocks` for Hugging Face encoder layers with separate q, k, v Linears.
+
+  Args:
+    names: the layer's module names of our norm1, q, k, v, out, norm2, fc1 and fc2 (the norms
+      in our Block's places: pre-LN towers read them before, post-LN ones after).
+  """
+  def convert(sd: StateDict, key: str, ours: str, width: int, mlp_dim: int) -> dict[str, Any]:
+    n = {part: f"{key}.{name}" for part, name in names.items()}
+    return {
+        "norm1": layer_norm(sd, n["norm1"], f"{ours}/norm1", width),
+        "attn": {"qkv": fused_qkv(sd, (n["q"], n["k"], n["v"]), f"{ours}/attn/qkv", width),
+                 "proj": linear(sd, n["out"], f"{ours}/attn/proj", width, width)},
+        "norm2": layer_norm(sd, n["norm2"], f"{ours}/norm2", width),
+        "mlp": {"fc1": linear(sd, n["fc1"], f"{ours}/mlp/fc1", width, mlp_dim),
+                "fc2": linear(sd, n["fc2"], f"{ours}/mlp/fc2", mlp_dim, width)},
+    }
+  return convert
+
+
+def blocks(sd: StateDict, key: str, ours: str, depth: int, width: int, mlp_dim: int,
+           block_fn=block) -> dict[str, Any]:
+  """`key.0.*` ... `key.{depth-1}.*` -> our BlockStack {'layers': {i: block}} (list layout),
+  each block mapped by `block_fn` (default: a timm ViT block).
 
   Raises:
     ConversionError: the checkpoint has a different number of blocks than `depth`.
@@ -282,7 +303,7 @@ def blocks(sd: StateDict, key: str, ours: str, depth: int, width: int,
   if found != depth:
     raise ConversionError(f"{sd.source}: {found} blocks under {key + '.'!r}, this config "
                           f"builds {depth} ({ours}); set the matching depth")
-  return {"layers": {i: block(sd, f"{key}.{i}", f"{ours}/layers/{i}", width, mlp_dim)
+  return {"layers": {i: block_fn(sd, f"{key}.{i}", f"{ours}/layers/{i}", width, mlp_dim)
                      for i in range(depth)}}
 
 

@@ -101,8 +101,8 @@ def convert(sd: sd_lib.StateDict, config) -> dict[str, Any]:
       "pos_embed": sd_lib.resize_pos_embed(pos[None], n),
       "temporal_embed": temporal[None, :tubes],
       "ln_pre": sd_lib.layer_norm(sd, f"{vm}ln_pre", "video/ln_pre", d),
-      "blocks": clip_lib.layers(sd, f"{vm}transformer.resblocks", "video/blocks", v.depth, d,
-                                 v.mlp_dim, _video_block),
+      "blocks": sd_lib.blocks(sd, f"{vm}transformer.resblocks", "video/blocks", v.depth, d,
+                              v.mlp_dim, _video_block),
       "norm": sd_lib.layer_norm(sd, f"{vm}ln_post", "video/norm", d),
       "proj": {"kernel": sd.take(f"{vm}proj", "video/proj/kernel", (d, v.proj_dim))},
   }
@@ -111,8 +111,8 @@ def convert(sd: sd_lib.StateDict, config) -> dict[str, Any]:
                                            "text/token_embed/embedding", (t.vocab_size, dt))},
       "pos_embed": clip_lib.positions(sd, "text_positional_embedding", "text/pos_embed", dt,
                                       text_tower.num_positions(config)),
-      "blocks": clip_lib.layers(sd, "text_model.resblocks", "text/blocks", t.depth, dt,
-                                 t.mlp_dim, _text_block),
+      "blocks": sd_lib.blocks(sd, "text_model.resblocks", "text/blocks", t.depth, dt,
+                              t.mlp_dim, _text_block),
       "norm": sd_lib.layer_norm(sd, "text_ln_final", "text/norm", dt),
       "proj": {"kernel": sd.take("text_projection", "text/proj/kernel", (dt, t.proj_dim))},
   }
