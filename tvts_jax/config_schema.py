@@ -137,6 +137,9 @@ KEYS: tuple[tuple[str, Any, str], ...] = (
      "shorter than every span is otherwise sampled on the span [0, duration - 1], cut into "
      "`num_clips` clips with the same gaps)"),
     ("data.shuffle_buffer", 1_000, "examples"),
+    ("data.samples_per_visit", 1, "training examples drawn from each record read (each with "
+     "its own span, frames, crop and order; a frame several of them use is decoded once). "
+     "The N examples of a record are adjacent: a batch then holds `batch_size / N` videos"),
     ("data.{eval_batch_size,eval_batches}", (0, 8), "the evaluations' global batch (0 = "
      "`batch_size`); held-out batches of `sort` and `t2v_retrieval`"),
     ("data.skip_corrupt_files", True, "a record file cut in the middle is reported and "
@@ -311,6 +314,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if positions < 0 or (positions and d.text_len > positions):
     raise ConfigError(f"data.text_len={d.text_len} exceeds model.text.max_positions="
                       f"{positions}, the text tower's position table (0: as long as text_len)")
+  if d.samples_per_visit < 1:
+    raise ConfigError(f"data.samples_per_visit={d.samples_per_visit} must be >= 1")
   if d.min_video_seconds < 0:
     raise ConfigError(f"data.min_video_seconds={d.min_video_seconds} must be >= 0")
   if not d.clip_seconds or min(d.clip_seconds) <= 0:

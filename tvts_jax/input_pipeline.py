@@ -30,7 +30,7 @@ probes: `tvts_jax/labelled.py`.
 Determinism and resume
 ----------------------
 Every random choice is a stateless function of (config.seed, process_index, epoch, position in
-the epoch); the file order of an epoch is a seeded permutation, the interleave is
+the epoch, and with `data.samples_per_visit` = n > 1 the example's index j < n in the visit); the file order of an epoch is a seeded permutation, the interleave is
 deterministic, the shuffle buffer is seeded per epoch and parallel maps keep their order. So
 the stream is a pure function of the step: `make_train_iterator(..., start_step=s)` yields
 exactly the batches an uninterrupted iterator yields from step s. It skips whole epochs
@@ -308,13 +308,16 @@ def make_train_dataset(config: ml_collections.ConfigDict, records_pattern, token
   o = sampling.options(config)
   base = _train_key(config, process_index)
 
-  start = int(start_step) * batch_size
-  first_epoch, offset = 0, start
-  if start:
+  # With samples_per_visit = n, each record visit gives n adjacent examples: the stream's
+  # example e is example e % n of visit e // n.
+  n = o["samples_per_visit"]
+  start_visit, start_within = divmod(int(start_step) * batch_size, n)
+  first_epoch, offset = 0, start_visit
+  if start_visit:
     epoch_size = sum(_record_counts(files, skip_corrupt))
     if not epoch_size:
       raise ValueError(f"no records in {files}")
-    first_epoch, offset = divmod(start, epoch_size)
+    first_epoch, offset = divmod(start_visit, epoch_size)
 
   files_t = tf.constant(files)
   cycle = min(len(files), _MAX_CYCLE)
@@ -339,10 +342,15 @@ def make_train_dataset(config: ml_collections.ConfigDict, records_pattern, token
   def example(epoch, index, serialized):
     key = tf.random.experimental.stateless_fold_in(
         tf.random.experimental.stateless_fold_in(base, epoch), index)
-    out = sampling.sample_example(records.parse(serialized), key, o)
+    if n == 1:
+      out = sampling.sample_example(records.parse(serialized), key, o)
+    else:  # [n, ...]: the visit's examples, its shared frames decoded once
+      out = sampling.sample_examples(records.parse(serialized), key, o, n)
     return {name: out[name] for name in _TRAIN_KEYS}
 
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if n > 1:
+    ds = ds.unbatch().skip(start_within)
   return _finish(ds, config, batch_size, tokenizer_path), batch_size
 
 

@@ -21,6 +21,12 @@ host, epoch, position) alone.
   resize_short are decoded with `decode_and_crop_jpeg` (only the crop is decoded); others are
   decoded, resized to short side resize_short (bilinear, antialiased) and cropped. No flip.
 - The transcripts are shuffled by a random permutation `order`.
+
+`sample_examples(record, key, options, n)` draws n such examples from one parsed record
+(`data.samples_per_visit`): example 0 with `key` itself (so n=1 is `sample_example`), example j
+with `fold_in(key, j)`, each with its own span, clips, frames, crop and order. A stored frame
+that several of them use is decoded once, over the union of their crop windows, and each
+example cuts its own crop out of it.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import tensorflow as tf
 def options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   d = config.data
   return dict(num_clips=int(d.num_clips), num_frames=int(d.num_frames),
+              samples_per_visit=int(d.get("samples_per_visit", 1)),
               image_size=int(d.image_size), resize_short=int(d.resize_short),
               clip_seconds=tuple(float(s) for s in d.clip_seconds),
               gap_seconds=float(d.gap_seconds), span_tries=max(1, int(d.span_tries)),
@@ -142,22 +149,9 @@ def decode_frames(jpegs: tf.Tensor, native: tf.Tensor, size: tf.Tensor, offset: 
   return tf.cond(native, fast, slow)
 
 
-def sample_example(ex: dict[str, tf.Tensor], key: tf.Tensor,
-                   o: dict[str, Any]) -> dict[str, tf.Tensor]:
-  """Samples one example from a parsed record with a stateless key.
-
-  Args:
-    ex: a record parsed by `records.parse`.
-    key: int64 [2] stateless seed.
-    o: sampling options (`options(config)`).
-
-  Returns:
-    dict with `video`, `texts` (string [K], shuffled), `order`, `valid`, `clip_labels`,
-    `label`, `shortened` (the span was shortened to fit a short video), and for inspection
-    `clip_texts` (string [K], in time order), `span_start`,
-    `clip_len`, `clip_starts` [K], `frame_index` [T] and `crop` [2] (y, x offset after resize).
-  """
-  k, t, s = o["num_clips"], o["num_frames"], o["image_size"]
+def _draw(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any]) -> dict[str, tf.Tensor]:
+  """Every random choice of one example but the decoding: span, clips, order, frames, crop."""
+  k, t = o["num_clips"], o["num_frames"]
   keys = tf.random.experimental.stateless_split(key, num=5)
   valid, clip_starts, clip_len, inside, shortened = _choose_span(ex, keys[:2], o)
   num_frames = tf.size(ex["frames"])
@@ -178,12 +172,7 @@ def sample_example(ex: dict[str, tf.Tensor], key: tf.Tensor,
   frame_index = tf.argmin(tf.abs(frame_times[None, :] - times[:, None]), axis=1,
                           output_type=tf.int32)
   native, size, offset = crop_window(ex, keys[4], o)
-  video = tf.cond(
-      valid,
-      lambda: decode_frames(tf.gather(ex["frames"], frame_index), native, size, offset, o),
-      lambda: tf.zeros([t, s, s, 3], tf.uint8))
   return dict(
-      video=tf.ensure_shape(video, [t, s, s, 3]),
       texts=tf.gather(clip_texts, order),
       order=order,
       valid=valid,
@@ -195,7 +184,129 @@ def sample_example(ex: dict[str, tf.Tensor], key: tf.Tensor,
       clip_len=clip_len,
       clip_starts=clip_starts,
       frame_index=frame_index,
-      crop=offset)
+      crop=offset,
+      native=native,
+      size=size)
+
+
+def _without_decode_inputs(d: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  return {k: v for k, v in d.items() if k not in ("native", "size")}
+
+
+def sample_example(ex: dict[str, tf.Tensor], key: tf.Tensor,
+                   o: dict[str, Any]) -> dict[str, tf.Tensor]:
+  """Samples one example from a parsed record with a stateless key.
+
+  Args:
+    ex: a record parsed by `records.parse`.
+    key: int64 [2] stateless seed.
+    o: sampling options (`options(config)`).
+
+  Returns:
+    dict with `video`, `texts` (string [K], shuffled), `order`, `valid`, `clip_labels`,
+    `label`, `shortened` (the span was shortened to fit a short video), and for inspection
+    `clip_texts` (string [K], in time order), `span_start`,
+    `clip_len`, `clip_starts` [K], `frame_index` [T] and `crop` [2] (y, x offset after resize).
+  """
+  t, s = o["num_frames"], o["image_size"]
+  d = _draw(ex, key, o)
+  video = tf.cond(
+      d["valid"],
+      lambda: decode_frames(tf.gather(ex["frames"], d["frame_index"]), d["native"], d["size"],
+                            d["crop"], o),
+      lambda: tf.zeros([t, s, s, 3], tf.uint8))
+  return dict(video=tf.ensure_shape(video, [t, s, s, 3]), **_without_decode_inputs(d))
+
+
+def visit_key(key: tf.Tensor, j: int) -> tf.Tensor:
+  """The key of example j of a visit: the visit's own key for j = 0, else fold_in(key, j)."""
+  return key if j == 0 else tf.random.experimental.stateless_fold_in(key, j)
+
+
+def decode_shared(jpegs: tf.Tensor, frame_index: tf.Tensor, valid: tf.Tensor,
+                  offsets: tf.Tensor, native: tf.Tensor, size: tf.Tensor,
+                  o: dict[str, Any]) -> tf.Tensor:
+  """The videos of n examples of one record, each stored frame decoded at most once.
+
+  Args:
+    jpegs: the record's frames.
+    frame_index: int32 [n, T], the stored frame of each example's frame.
+    valid: bool [n]; invalid examples decode nothing (a black video).
+    offsets: int32 [n, 2], each example's crop offset (after resizing).
+    native: whether the frames are stored at resize_short (crop while decoding).
+    size: [2] size after resizing.
+    o: sampling options.
+
+  Returns:
+    uint8 [n, T, S, S, 3].
+  """
+  s, t = o["image_size"], o["num_frames"]
+  n = int(frame_index.shape[0])
+  slots = n * t  # static: one decode op per slot, run side by side by the executor
+  idx = tf.reshape(frame_index, [slots])
+  live = tf.repeat(valid, t)
+  off = tf.repeat(offsets, t, axis=0)  # [slots, 2]
+  # same[i, j]: slots i and j show the same stored frame (live slots only).
+  same = (idx[:, None] == idx[None, :]) & live[:, None] & live[None, :]
+  big = tf.int32.max
+  lo = tf.reduce_min(tf.where(same[..., None], off[None], big), axis=1)  # [slots, 2]
+  hi = tf.reduce_max(tf.where(same[..., None], off[None], -1), axis=1)
+  first = tf.argmax(tf.cast(same, tf.int32), axis=1, output_type=tf.int32)  # first user
+  decodes = live & tf.equal(first, tf.range(slots))
+  # The box holding every live crop: each decoded window is padded into it, so that the
+  # decoded frames stack into one tensor.
+  box_lo = tf.reduce_min(tf.where(live[:, None], off, big), axis=0)
+  box_hi = tf.reduce_max(tf.where(live[:, None], off, -1), axis=0)
+  box = box_hi - box_lo + s
+
+  def fast(i):
+    window = tf.stack([lo[i, 0], lo[i, 1], hi[i, 0] - lo[i, 0] + s, hi[i, 1] - lo[i, 1] + s])
+    image = tf.image.decode_and_crop_jpeg(jpegs[idx[i]], window, channels=3)
+    before = lo[i] - box_lo
+    after = box - (hi[i] - box_lo + s)
+    return tf.pad(image, tf.stack([[before[0], after[0]], [before[1], after[1]], [0, 0]]))
+
+  def slow(i):
+    image = tf.image.decode_jpeg(jpegs[idx[i]], channels=3)
+    image = tf.image.resize(image, size, method="bilinear", antialias=True)
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    return image[box_lo[0]:box_lo[0] + box[0], box_lo[1]:box_lo[1] + box[1]]
+
+  def decode_all():
+    def one(i):
+      return tf.cond(decodes[i], lambda: tf.cond(native, lambda: fast(i), lambda: slow(i)),
+                     lambda: tf.zeros(tf.concat([box, [3]], 0), tf.uint8))
+    decoded = tf.stack([one(i) for i in range(slots)])  # [slots, box_h, box_w, 3]
+    # A dead slot (an invalid example's) cuts any in-bounds window; it is zeroed below.
+    begin = tf.where(live[:, None], off - box_lo, 0)
+    crops = [tf.slice(decoded, tf.stack([first[i], begin[i, 0], begin[i, 1], 0]),
+                      [1, s, s, 3])[0] for i in range(slots)]
+    video = tf.reshape(tf.stack(crops), [n, t, s, s, 3])
+    return video * tf.cast(valid, tf.uint8)[:, None, None, None, None]
+
+  return tf.cond(tf.reduce_any(valid), decode_all,
+                 lambda: tf.zeros([n, t, s, s, 3], tf.uint8))
+
+
+def sample_examples(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any],
+                    n: int) -> dict[str, tf.Tensor]:
+  """n examples of one record (`data.samples_per_visit`), stacked on a leading axis.
+
+  Example j is drawn with `visit_key(key, j)` exactly as `sample_example` draws one, so n=1
+  is `sample_example` and example 0 of a visit is the example n=1 would give; the frames
+  several examples use are decoded once (`decode_shared`).
+
+  Returns:
+    The dict of `sample_example`, every value with a leading axis of n.
+  """
+  if n == 1:
+    return {k: v[None] for k, v in sample_example(ex, key, o).items()}
+  draws = [_draw(ex, visit_key(key, j), o) for j in range(n)]
+  stacked = {k: tf.stack([d[k] for d in draws]) for k in _without_decode_inputs(draws[0])}
+  video = decode_shared(ex["frames"], stacked["frame_index"], stacked["valid"],
+                        stacked["crop"], draws[0]["native"], draws[0]["size"], o)
+  t, s = o["num_frames"], o["image_size"]
+  return dict(video=tf.ensure_shape(video, [n, t, s, s, 3]), **stacked)
 
 
 def padding_example(o: dict[str, Any]) -> dict[str, tf.Tensor]:
