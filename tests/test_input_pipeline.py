@@ -489,3 +489,68 @@ def test_samples_per_visit_stream_deterministic_and_resume_exact(data):
   # first visit, which both streams make of the same record at the same position.
   np.testing.assert_array_equal(full[0]["order"][0], one["order"][0])
   assert not np.array_equal(full[0]["video"][:3], one["video"][:3])  # 3 draws, not 3 visits
+
+
+# --- DCT-domain downscaling of frames stored at >= 2x the needed size --------------------------
+
+
+def test_scale_plan_picks_the_largest_dct_scale_that_fits():
+  o = sampling.options(_config(image_size=24, resize_short=32))
+
+  def plan(stored, size, **kw):
+    branch, direct = sampling.scale_plan(tf.constant(stored, tf.int64),
+                                         tf.constant(size, tf.int32), dict(o, **kw))
+    return sampling.RATIOS[int(branch)], bool(direct)
+
+  assert plan([32, 48], [32, 48]) == (1, True)  # stored at resize_short: crop while decoding
+  assert plan([64, 96], [32, 48]) == (2, True)
+  assert plan([128, 192], [32, 48]) == (4, True)
+  assert plan([256, 384], [32, 48]) == (8, True)
+  assert plan([1024, 1536], [32, 48]) == (8, False)  # 1/8 is the smallest scale: then resize
+  assert plan([60, 90], [32, 48]) == (1, False)  # 1/2 would be too small: whole, resized
+  assert plan([100, 150], [32, 48]) == (2, False)  # 50x75 at 1/2, resized to 32x48
+  assert plan([536, 953], [268, 476]) == (2, True)  # 268x477: one pixel of rounding
+  assert plan([64, 96], [32, 48], dct_downscale=False) == (1, False)
+  assert plan([16, 24], [32, 48]) == (1, False)  # upscaled
+
+
+@pytest.mark.parametrize("stored_short", [64, 128, 100])
+def test_dct_downscaled_frames_match_the_resized_ones(stored_short):
+  # The same examples with and without DCT scaling: the same crops, nearly the same pixels.
+  c = _config(image_size=24, resize_short=32, num_frames=4)
+  off = _config(image_size=24, resize_short=32, num_frames=4, dct_downscale=False)
+  height, width = stored_short, stored_short * 3 // 2
+  y, x = np.mgrid[0:height, 0:width]
+  smooth = np.stack([np.full_like(x, 100), 255 * x // width, 255 * y // height], -1)
+  buf = io.BytesIO()
+  Image.fromarray(smooth.astype(np.uint8)).save(buf, format="JPEG", quality=95)
+  record = _hand_record(0, height=height, width=width)
+  record.frames[:] = [buf.getvalue()] * len(record.frames)  # ramps without wrap-around edges
+  for seed in range(2):
+    a, b = _sample(record, c, seed), _sample(record, off, seed)
+    np.testing.assert_array_equal(a["crop"], b["crop"])
+    diff = np.abs(a["video"].astype(np.float32) - b["video"].astype(np.float32))
+    assert diff.mean() < 1.5 and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def test_parallelism_keys_set_the_pipeline_not_the_stream(data):
+  c = _config(threads=3, parallel_calls=2, prefetch_batches=1)
+  ds, _ = input_pipeline.make_train_dataset(c, data["synthetic"], data["tokenizer"],
+                                            process_index=0, process_count=1)
+  assert ds.options().threading.private_threadpool_size == 3
+  assert ds.options().threading.max_intra_op_parallelism == 1
+  fixed = input_pipeline.make_train_iterator(c, data["synthetic"], data["tokenizer"],
+                                             process_index=0, process_count=1)
+  auto = input_pipeline.make_train_iterator(_config(), data["synthetic"], data["tokenizer"],
+                                            process_index=0, process_count=1)
+  for a, b in zip(_take(fixed, 2), _take(auto, 2)):
+    _assert_batches_equal(a, b)
+
+
+def test_host_memory_of_batches_in_flight():
+  c = _config(prefetch_batches=3)  # 4 frames of 32², K 4 x text_len 8
+  mem = input_pipeline.host_memory(c, 8)
+  assert mem["batch_bytes"] == 8 * 4 * 32 * 32 * 3 + 8 * 4 * 8 * 5
+  assert mem["in_flight_bytes"] == 5 * mem["batch_bytes"]
+  auto = input_pipeline.host_memory(_config(), 8)
+  assert auto["prefetch_batches"] == "autotune" and auto["in_flight_bytes"] is None

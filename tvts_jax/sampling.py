@@ -18,15 +18,18 @@ host, epoch, position) alone.
 - Frames: the span is cut into T equal segments; one uniform random time per segment; the
   stored frame nearest to it (chronological). Only those T JPEGs are decoded.
 - One random image_size^2 crop shared by all frames. Frames stored with short side ==
-  resize_short are decoded with `decode_and_crop_jpeg` (only the crop is decoded); others are
+  resize_short are decoded with `decode_and_crop_jpeg` (only the crop is decoded). Frames
+  stored at least twice as large are decoded at JPEG's DCT-domain scale 1/2, 1/4 or 1/8 (the
+  largest that keeps the short side >= resize_short; `data.dct_downscale`), and cropped while
+  decoding when that scale gives resize_short (within one pixel of rounding); others are
   decoded, resized to short side resize_short (bilinear, antialiased) and cropped. No flip.
 - The transcripts are shuffled by a random permutation `order`.
 
 `sample_examples(record, key, options, n)` draws n such examples from one parsed record
 (`data.samples_per_visit`): example 0 with `key` itself (so n=1 is `sample_example`), example j
 with `fold_in(key, j)`, each with its own span, clips, frames, crop and order. A stored frame
-that several of them use is decoded once, over the union of their crop windows, and each
-example cuts its own crop out of it.
+that several of them use is decoded once, over the box holding all the visit's crops, and each
+example cuts its own crop out of it; a frame only one uses is decoded over its crop alone.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   d = config.data
   return dict(num_clips=int(d.num_clips), num_frames=int(d.num_frames),
               samples_per_visit=int(d.get("samples_per_visit", 1)),
+              dct_downscale=bool(d.get("dct_downscale", True)),
               image_size=int(d.image_size), resize_short=int(d.resize_short),
               clip_seconds=tuple(float(s) for s in d.clip_seconds),
               gap_seconds=float(d.gap_seconds), span_tries=max(1, int(d.span_tries)),
@@ -126,27 +130,65 @@ def crop_window(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any]):
   return short == target, tf.stack([new_h, new_w]), offset
 
 
-def decode_frames(jpegs: tf.Tensor, native: tf.Tensor, size: tf.Tensor, offset: tf.Tensor,
-            o: dict[str, Any]) -> tf.Tensor:
-  """Decodes and crops T frames (uint8 [T, S, S, 3])."""
-  s, t = o["image_size"], o["num_frames"]
-  # T is static: one decode op per frame instead of a map_fn loop lets the executor run the
-  # decodes of one clip side by side and saves the loop's bookkeeping.
+# JPEG's DCT-domain scales: libjpeg decodes at 1/r of the size for these r, cheaper than
+# decoding the whole frame and resizing it.
+RATIOS = (1, 2, 4, 8)
 
-  def fast():
-    window = tf.stack([offset[0], offset[1], s, s])
-    return tf.stack([tf.image.decode_and_crop_jpeg(jpegs[i], window, channels=3)
-                     for i in range(t)])
 
-  def slow():
-    def one(jpeg):
-      image = tf.image.decode_jpeg(jpeg, channels=3)
+def scale_plan(stored: tf.Tensor, size: tf.Tensor, o: dict[str, Any]):
+  """How to decode frames of size `stored` [h, w] that are resized to `size` [h, w].
+
+  Returns:
+    (branch, direct): decode at scale 1 / RATIOS[branch], the largest that leaves both sides
+    at least `size` (1 without `dct_downscale`); direct: the frame decoded at that scale is
+    `size`, or one pixel more on a side (rounding), so the crop is cut while decoding without
+    a resize (at scale 1: the frames are stored at resize_short).
+  """
+  h, w = tf.cast(stored[0], tf.int32), tf.cast(stored[1], tf.int32)
+  branch = tf.constant(0, tf.int32)
+  if o.get("dct_downscale", True):
+    for i, r in enumerate(RATIOS[1:], 1):
+      fits = ((h + r - 1) // r >= size[0]) & ((w + r - 1) // r >= size[1])
+      branch = tf.where(fits, i, branch)
+  r = tf.gather(tf.constant(RATIOS, tf.int32), branch)
+  sh, sw = (h + r - 1) // r, (w + r - 1) // r
+  slack = tf.where(r > 1, 1, 0)
+  direct = ((sh >= size[0]) & (sw >= size[1]) & (sh - size[0] <= slack) &
+            (sw - size[1] <= slack))
+  return branch, direct
+
+
+def _decode_window(jpeg: tf.Tensor, window: tf.Tensor, branch: tf.Tensor, direct: tf.Tensor,
+                   size: tf.Tensor) -> tf.Tensor:
+  """Pixels window = [y, x, h, w] of a frame resized to `size`, decoded as `scale_plan` says."""
+  def at(r):
+    def crop():  # only the window is decoded (libjpeg's cropped, scaled decode)
+      return tf.image.decode_and_crop_jpeg(jpeg, window, channels=3, ratio=r)
+
+    def resize():
+      image = tf.image.decode_jpeg(jpeg, channels=3, ratio=r)
       image = tf.image.resize(image, size, method="bilinear", antialias=True)
       image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-      return image[offset[0]:offset[0] + s, offset[1]:offset[1] + s]
-    return tf.stack([one(jpegs[i]) for i in range(t)])
+      return image[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
+    return lambda: tf.cond(direct, crop, resize)
+  return tf.switch_case(branch, [at(r) for r in RATIOS])
 
-  return tf.cond(native, fast, slow)
+
+def decode_frames(jpegs: tf.Tensor, native: tf.Tensor, size: tf.Tensor, offset: tf.Tensor,
+                  o: dict[str, Any], stored: tf.Tensor | None = None) -> tf.Tensor:
+  """Decodes and crops T frames (uint8 [T, S, S, 3]).
+
+  `stored` ([h, w] of the stored frames) lets a frame at least twice the needed size be
+  decoded at a DCT-domain scale (`scale_plan`); without it, frames not stored at resize_short
+  (`native` False) are decoded whole and resized.
+  """
+  s, t = o["image_size"], o["num_frames"]
+  branch, direct = (scale_plan(stored, size, o) if stored is not None
+                    else (tf.constant(0, tf.int32), native))
+  window = tf.stack([offset[0], offset[1], s, s])
+  # T is static: one decode op per frame instead of a map_fn loop lets the executor run the
+  # decodes of one clip side by side and saves the loop's bookkeeping.
+  return tf.stack([_decode_window(jpegs[i], window, branch, direct, size) for i in range(t)])
 
 
 def _draw(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any]) -> dict[str, tf.Tensor]:
@@ -186,11 +228,12 @@ def _draw(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any]) -> dict[s
       frame_index=frame_index,
       crop=offset,
       native=native,
-      size=size)
+      size=size,
+      stored=tf.stack([ex["height"], ex["width"]]))
 
 
 def _without_decode_inputs(d: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-  return {k: v for k, v in d.items() if k not in ("native", "size")}
+  return {k: v for k, v in d.items() if k not in ("native", "size", "stored")}
 
 
 def sample_example(ex: dict[str, tf.Tensor], key: tf.Tensor,
@@ -213,7 +256,7 @@ def sample_example(ex: dict[str, tf.Tensor], key: tf.Tensor,
   video = tf.cond(
       d["valid"],
       lambda: decode_frames(tf.gather(ex["frames"], d["frame_index"]), d["native"], d["size"],
-                            d["crop"], o),
+                            d["crop"], o, d["stored"]),
       lambda: tf.zeros([t, s, s, 3], tf.uint8))
   return dict(video=tf.ensure_shape(video, [t, s, s, 3]), **_without_decode_inputs(d))
 
@@ -224,7 +267,7 @@ def visit_key(key: tf.Tensor, j: int) -> tf.Tensor:
 
 
 def decode_shared(jpegs: tf.Tensor, frame_index: tf.Tensor, valid: tf.Tensor,
-                  offsets: tf.Tensor, native: tf.Tensor, size: tf.Tensor,
+                  offsets: tf.Tensor, stored: tf.Tensor, size: tf.Tensor,
                   o: dict[str, Any]) -> tf.Tensor:
   """The videos of n examples of one record, each stored frame decoded at most once.
 
@@ -233,7 +276,7 @@ def decode_shared(jpegs: tf.Tensor, frame_index: tf.Tensor, valid: tf.Tensor,
     frame_index: int32 [n, T], the stored frame of each example's frame.
     valid: bool [n]; invalid examples decode nothing (a black video).
     offsets: int32 [n, 2], each example's crop offset (after resizing).
-    native: whether the frames are stored at resize_short (crop while decoding).
+    stored: [2] the stored frames' size (`scale_plan`).
     size: [2] size after resizing.
     o: sampling options.
 
@@ -249,43 +292,39 @@ def decode_shared(jpegs: tf.Tensor, frame_index: tf.Tensor, valid: tf.Tensor,
   # same[i, j]: slots i and j show the same stored frame (live slots only).
   same = (idx[:, None] == idx[None, :]) & live[:, None] & live[None, :]
   big = tf.int32.max
-  lo = tf.reduce_min(tf.where(same[..., None], off[None], big), axis=1)  # [slots, 2]
-  hi = tf.reduce_max(tf.where(same[..., None], off[None], -1), axis=1)
   first = tf.argmax(tf.cast(same, tf.int32), axis=1, output_type=tf.int32)  # first user
-  decodes = live & tf.equal(first, tf.range(slots))
-  # The box holding every live crop: each decoded window is padded into it, so that the
-  # decoded frames stack into one tensor.
+  users = tf.reduce_sum(tf.cast(same, tf.int32), axis=1)
+  shared = live & (users > 1)
+  branch, direct = scale_plan(stored, size, o)
+  black = tf.zeros([s, s, 3], tf.uint8)
+
+  # A frame several slots show is decoded once, over the box holding every live crop (one
+  # shape, so they stack), by its first user; each user cuts its crop from the stack.
   box_lo = tf.reduce_min(tf.where(live[:, None], off, big), axis=0)
   box_hi = tf.reduce_max(tf.where(live[:, None], off, -1), axis=0)
-  box = box_hi - box_lo + s
+  box_lo = tf.where(tf.reduce_any(live), box_lo, 0)  # no live slot: nothing is decoded
+  box = tf.concat([box_lo, tf.maximum(box_hi - box_lo + s, s)], 0)
+  owners = shared & tf.equal(first, tf.range(slots))
+  position = tf.cumsum(tf.cast(owners, tf.int32)) - 1  # of an owner slot in the stack
+  stack = tf.cond(  # (map_fn cannot stack zero images of an unknown shape)
+      tf.reduce_any(owners),
+      lambda: tf.map_fn(lambda i: _decode_window(jpegs[idx[i]], box, branch, direct, size),
+                        tf.cast(tf.where(owners)[:, 0], tf.int32),
+                        fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8)),
+      lambda: tf.zeros(tf.concat([[1], box[2:], [3]], 0), tf.uint8))
 
-  def fast(i):
-    window = tf.stack([lo[i, 0], lo[i, 1], hi[i, 0] - lo[i, 0] + s, hi[i, 1] - lo[i, 1] + s])
-    image = tf.image.decode_and_crop_jpeg(jpegs[idx[i]], window, channels=3)
-    before = lo[i] - box_lo
-    after = box - (hi[i] - box_lo + s)
-    return tf.pad(image, tf.stack([[before[0], after[0]], [before[1], after[1]], [0, 0]]))
+  def own(i):  # a frame only this slot shows: its crop alone is decoded
+    window = tf.stack([off[i, 0], off[i, 1], s, s])
+    return _decode_window(jpegs[idx[i]], window, branch, direct, size)
 
-  def slow(i):
-    image = tf.image.decode_jpeg(jpegs[idx[i]], channels=3)
-    image = tf.image.resize(image, size, method="bilinear", antialias=True)
-    image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-    return image[box_lo[0]:box_lo[0] + box[0], box_lo[1]:box_lo[1] + box[1]]
+  def cut(i):
+    y, x = off[i, 0] - box_lo[0], off[i, 1] - box_lo[1]
+    return stack[position[first[i]], y:y + s, x:x + s]
 
-  def decode_all():
-    def one(i):
-      return tf.cond(decodes[i], lambda: tf.cond(native, lambda: fast(i), lambda: slow(i)),
-                     lambda: tf.zeros(tf.concat([box, [3]], 0), tf.uint8))
-    decoded = tf.stack([one(i) for i in range(slots)])  # [slots, box_h, box_w, 3]
-    # A dead slot (an invalid example's) cuts any in-bounds window; it is zeroed below.
-    begin = tf.where(live[:, None], off - box_lo, 0)
-    crops = [tf.slice(decoded, tf.stack([first[i], begin[i, 0], begin[i, 1], 0]),
-                      [1, s, s, 3])[0] for i in range(slots)]
-    video = tf.reshape(tf.stack(crops), [n, t, s, s, 3])
-    return video * tf.cast(valid, tf.uint8)[:, None, None, None, None]
-
-  return tf.cond(tf.reduce_any(valid), decode_all,
-                 lambda: tf.zeros([n, t, s, s, 3], tf.uint8))
+  alone = [tf.cond(live[i] & ~shared[i], lambda i=i: own(i), lambda: black)
+           for i in range(slots)]
+  crops = [tf.cond(shared[i], lambda i=i: cut(i), lambda i=i: alone[i]) for i in range(slots)]
+  return tf.reshape(tf.stack(crops), [n, t, s, s, 3])
 
 
 def sample_examples(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any],
@@ -304,7 +343,7 @@ def sample_examples(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any],
   draws = [_draw(ex, visit_key(key, j), o) for j in range(n)]
   stacked = {k: tf.stack([d[k] for d in draws]) for k in _without_decode_inputs(draws[0])}
   video = decode_shared(ex["frames"], stacked["frame_index"], stacked["valid"],
-                        stacked["crop"], draws[0]["native"], draws[0]["size"], o)
+                        stacked["crop"], draws[0]["stored"], draws[0]["size"], o)
   t, s = o["num_frames"], o["image_size"]
   return dict(video=tf.ensure_shape(video, [n, t, s, s, 3]), **stacked)
 

@@ -223,6 +223,8 @@ def _input_only_main(FLAGS) -> None:  # pylint: disable=invalid-name
       if any(k in v for v in variants for k in input_timing.RECORD_KEYS):
         raise ValueError(f"--input_variant keys {input_timing.RECORD_KEYS} choose generated "
                          "records: drop --records to use them")
+    elif FLAGS.input_records_dir:
+      directory = FLAGS.input_records_dir
     else:
       directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="tvts-input-"))
 
@@ -235,7 +237,7 @@ def _input_only_main(FLAGS) -> None:  # pylint: disable=invalid-name
         tokenizer = next(iter(sets.values()))[1] if sets else None
         paths = input_timing.demo_records(
             config, directory, FLAGS.input_videos, short_side=key[0], jpeg_quality=key[1],
-            tokenizer=tokenizer)
+            aspect=FLAGS.input_aspect, fps=FLAGS.input_fps, tokenizer=tokenizer)
         sets[key] = (paths["train"], paths["tokenizer"])
       return sets[key]
 
@@ -243,6 +245,18 @@ def _input_only_main(FLAGS) -> None:  # pylint: disable=invalid-name
       records_of(v)
     results = input_timing.compare_input(config, variants, records_of,
                                          batches=FLAGS.input_batches, rounds=FLAGS.input_rounds)
+    from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+    for v, r in zip(variants, results):
+      reference = None
+      if not FLAGS.records:  # the first generated video again, at JPEG quality 100
+        key = (int(v.get("short_side", config.data.resize_short)),
+               int(v.get("jpeg_quality", 90)))
+        reference = synthetic.make_video(
+            synthetic.DEMO_SEED, "train", 0, short_side=key[0], fps=FLAGS.input_fps,
+            aspect=FLAGS.input_aspect, jpeg_quality=100).frames
+      r["frames_stored"] = input_timing.frame_quality(records_of(v)[0],
+                                                      int(config.data.resize_short),
+                                                      reference=reference)
   for r in results:
     r.update(input_timing.cores_report(r["clips_per_s_per_core"], r["clips_per_cpu_s"],
                                        FLAGS.accelerator_clips_per_s,
@@ -251,11 +265,12 @@ def _input_only_main(FLAGS) -> None:  # pylint: disable=invalid-name
           f"per core ({r['cores']} cores), {r['clips_per_cpu_s']:.1f} per CPU-second; one "
           f"accelerator at {r['accelerator_clips_per_s']:.0f} clips/s needs "
           f"{r['cores_per_accelerator']} cores ({r['cores_per_accelerator_cpu_s']} at the "
-          "per-CPU-second rate)")
+          f"per-CPU-second rate); stored frames {r['frames_stored']}")
   report = dict(batch_size=config.batch_size, frames=int(config.data.num_frames),
                 image_size=int(config.data.image_size), rounds=FLAGS.input_rounds,
                 batches=FLAGS.input_batches,
-                records=FLAGS.records or "synthetic (generated)",
+                records=FLAGS.records or (f"synthetic (generated: aspect {FLAGS.input_aspect:.3g}, "
+                                          f"{FLAGS.input_fps:g} fps)"),
                 load_average=list(os.getloadavg()), variants=results)
   print(json.dumps(report, default=_json_default))
 
@@ -329,6 +344,12 @@ def _define_flags() -> None:
       "--input_only: one variant of the pipeline, 'KEY=VALUE,...' of config keys (e.g. "
       "data.samples_per_visit=2) or of the generated records (short_side=536, "
       "jpeg_quality=75); 'base' is the config as given. Repeat the flag to compare.")
+  flags.DEFINE_float("input_aspect", 16 / 9,
+                     "--input_only: width / height of the generated records' frames.")
+  flags.DEFINE_float("input_fps", 2.0, "--input_only: frames per second of the generated records.")
+  flags.DEFINE_string("input_records_dir", "",
+                      "--input_only: keep the generated records here and reuse them in later "
+                      "runs (default: a temporary directory).")
   flags.DEFINE_integer("input_rounds", 3,
                        "--input_only: rounds of alternating variants; medians are reported.")
   flags.DEFINE_float("accelerator_clips_per_s", input_timing.H200_PAPER_CLIPS_PER_S,
