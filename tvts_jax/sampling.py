@@ -186,9 +186,19 @@ def decode_frames(jpegs: tf.Tensor, native: tf.Tensor, size: tf.Tensor, offset: 
   branch, direct = (scale_plan(stored, size, o) if stored is not None
                     else (tf.constant(0, tf.int32), native))
   window = tf.stack([offset[0], offset[1], s, s])
-  # T is static: one decode op per frame instead of a map_fn loop lets the executor run the
-  # decodes of one clip side by side and saves the loop's bookkeeping.
-  return tf.stack([_decode_window(jpegs[i], window, branch, direct, size) for i in range(t)])
+
+  def fast():
+    # Frames stored at resize_short, the common case. T is static: one decode op per frame
+    # instead of a map_fn loop lets the executor run the decodes of one clip side by side and
+    # saves the loop's bookkeeping.
+    return tf.stack([tf.image.decode_and_crop_jpeg(jpegs[i], window, channels=3)
+                     for i in range(t)])
+
+  def other():  # scaled or resized: a loop, so the graph holds one copy of each decode path
+    return tf.map_fn(lambda jpeg: _decode_window(jpeg, window, branch, direct, size), jpegs,
+                     fn_output_signature=tf.TensorSpec([s, s, 3], tf.uint8))
+
+  return tf.cond(tf.equal(branch, 0) & direct, fast, other)
 
 
 def _draw(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any]) -> dict[str, tf.Tensor]:
@@ -285,7 +295,7 @@ def decode_shared(jpegs: tf.Tensor, frame_index: tf.Tensor, valid: tf.Tensor,
   """
   s, t = o["image_size"], o["num_frames"]
   n = int(frame_index.shape[0])
-  slots = n * t  # static: one decode op per slot, run side by side by the executor
+  slots = n * t
   idx = tf.reshape(frame_index, [slots])
   live = tf.repeat(valid, t)
   off = tf.repeat(offsets, t, axis=0)  # [slots, 2]
@@ -321,10 +331,13 @@ def decode_shared(jpegs: tf.Tensor, frame_index: tf.Tensor, valid: tf.Tensor,
     y, x = off[i, 0] - box_lo[0], off[i, 1] - box_lo[1]
     return stack[position[first[i]], y:y + s, x:x + s]
 
-  alone = [tf.cond(live[i] & ~shared[i], lambda i=i: own(i), lambda: black)
-           for i in range(slots)]
-  crops = [tf.cond(shared[i], lambda i=i: cut(i), lambda i=i: alone[i]) for i in range(slots)]
-  return tf.reshape(tf.stack(crops), [n, t, s, s, 3])
+  # One loop over the slots (rather than a decode op per slot): the graph holds one copy of
+  # each decode path, which keeps the pipeline quick to build.
+  alone = tf.map_fn(lambda i: tf.cond(live[i] & ~shared[i], lambda: own(i), lambda: black),
+                    tf.range(slots), fn_output_signature=tf.TensorSpec([s, s, 3], tf.uint8))
+  crops = tf.map_fn(lambda i: tf.cond(shared[i], lambda: cut(i), lambda: alone[i]),
+                    tf.range(slots), fn_output_signature=tf.TensorSpec([s, s, 3], tf.uint8))
+  return tf.reshape(crops, [n, t, s, s, 3])
 
 
 def sample_examples(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any],
