@@ -61,6 +61,8 @@ def test_unknown_key_is_named(key, value, message):
      r"'bert:/x' is not one of \['mae:PATH', 'distilbert:PATH', 'clip:PATH', 'tvts_torch:PATH', "
      r"'tvts_v2_torch:PATH'\]"),
     ({"model.video.temporal_init_std": 0.0}, "temporal_init_std must be > 0"),
+    ({"data.samples_per_visit": 0}, "samples_per_visit=0 must be >= 1"),
+    ({"data.parallel_calls": -1}, r"data.parallel_calls=-1 must be >= 0 \(0: automatic\)"),
     ({"model.attention": "flash"}, "model.attention='flash'; must be one of"),
     ({"model.attention": "cudnn"}, "'cudnn': cuDNN attention runs in bfloat16 only"),
     ({"model.attention": "cudnn", "compute_dtype": "bfloat16", "model.text.num_heads": 8},

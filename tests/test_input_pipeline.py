@@ -386,3 +386,171 @@ def test_measure_throughput(data):
   assert result["clips_per_s"] > 0 and result["batch_size"] == 8
   assert result["clips_per_s_per_core"] == pytest.approx(result["clips_per_s"] /
                                                          result["cores"])
+
+
+# --- data.samples_per_visit: N examples from one record read ---------------------------------
+
+
+def _sample_n(record, config, seed, n):
+  out = sampling.sample_examples(records.parse(tf.constant(records.serialize(record))),
+                                 tf.constant([seed, 7], tf.int64), sampling.options(config), n)
+  return {k: v.numpy() for k, v in out.items()}
+
+
+def _check_example(out, j, record, config, scale=1):
+  """Example j of a visit is a valid TVTS example of `record` (hand-made gradient frames)."""
+  d = config.data
+  k, t, s = d.num_clips, d.num_frames, d.image_size
+  start, clip_len = out["span_start"][j], out["clip_len"][j]
+  span = k * clip_len + (k - 1) * d.gap_seconds
+  assert out["valid"][j] and 0.0 <= start and start + span <= record.duration + 1e-5
+  # Its frames lie in its span, one per segment, chronological.
+  times = np.asarray(record.frame_times)[out["frame_index"][j]]
+  half_frame = 0.5 / FPS + 1e-4
+  assert (np.diff(times) > 0).all()
+  assert start - half_frame <= times[0] and times[-1] <= start + span + half_frame
+  # Its words are those starting in its clips.
+  word_starts = np.asarray(record.word_starts, np.float32)
+  for i in range(k):
+    a = np.float32(out["clip_starts"][j][i])
+    b = a + np.float32(clip_len)
+    assert out["clip_texts"][j][i].decode() == " ".join(
+        w for w, ws in zip(record.words, word_starts) if a <= ws < b)
+  for i in range(k):
+    assert out["texts"][j][i] == out["clip_texts"][j][out["order"][j][i]]
+  # Its pixels are its frames (red = 8 x frame index) at its own crop (green = 2 x column,
+  # blue = 2 x row of the resized frame), even where another example decoded the frame.
+  video = out["video"][j].astype(np.float32)
+  assert video.shape == (t, s, s, 3)
+  np.testing.assert_allclose(video[..., 0].mean((1, 2)) / 8, out["frame_index"][j] % 32,
+                             atol=0.5)
+  y0, x0 = out["crop"][j]
+  cols = 2 * (scale * (x0 + np.arange(s)) + (scale - 1) / 2)
+  rows = 2 * (scale * (y0 + np.arange(s)) + (scale - 1) / 2)
+  for frame in video:
+    np.testing.assert_allclose(frame[..., 1], np.tile(cols, (s, 1)), atol=4)
+    np.testing.assert_allclose(frame[..., 2], np.tile(rows[:, None], (1, s)), atol=4)
+
+
+@pytest.mark.parametrize("stored_short", [32, 64])
+def test_samples_per_visit_gives_n_distinct_valid_examples(stored_short):
+  # A short video (5 s, 50 frames) so that the examples' frames overlap and are shared.
+  c = _config(image_size=24, resize_short=32, num_frames=4, clip_seconds=(0.5, 0.75),
+              gap_seconds=0.25)
+  record = _hand_record(0, duration=5.0, height=stored_short, width=stored_short * 3 // 2)
+  shared = 0
+  for seed in range(3):
+    out = _sample_n(record, c, seed, 3)
+    assert out["video"].shape == (3, 4, 24, 24, 3)
+    for j in range(3):
+      _check_example(out, j, record, c, scale=stored_short // 32)
+    # Independent draws: spans and crops differ.
+    assert len({float(x) for x in out["span_start"]}) == 3
+    shared += len(out["frame_index"].ravel()) - len(set(out["frame_index"].ravel()))
+    # Example 0 is the example one draw per visit gives (the same key).
+    one = _sample(record, c, seed)
+    for key in ("span_start", "frame_index", "crop", "order", "texts"):
+      np.testing.assert_array_equal(out[key][0], one[key], err_msg=key)
+    np.testing.assert_allclose(out["video"][0], one["video"], atol=2)
+  assert shared > 0  # the test exercised frames decoded once for two examples
+
+
+def test_samples_per_visit_invalid_examples_are_black():
+  c = _config(image_size=24, resize_short=32, num_frames=4)
+  out = _sample_n(_hand_record(0, duration=12.0, words=False), c, 0, 2)
+  assert not out["valid"].any() and out["video"].max() == 0
+
+
+def test_samples_per_visit_stream_deterministic_and_resume_exact(data):
+  c = _config(samples_per_visit=3)  # batch 8: visits straddle batches (8 = 3 + 3 + 2)
+  args = (c, data["hand"], data["tokenizer"])
+  full = _take(input_pipeline.make_train_iterator(*args, process_index=0, process_count=1), 5)
+  again = _take(input_pipeline.make_train_iterator(*args, process_index=0, process_count=1), 2)
+  for a, b in zip(full, again):
+    _assert_batches_equal(a, b)
+  # The N examples of a visit are adjacent, of one record (the hand records' labels are
+  # distinct), and different from each other.
+  labels = np.concatenate([b["label"] for b in full])
+  videos = np.concatenate([b["video"] for b in full])
+  for v in range(len(labels) // 3):
+    assert len(set(labels[3 * v:3 * v + 3])) == 1
+    assert not np.array_equal(videos[3 * v], videos[3 * v + 1])
+  assert len(set(labels[:12])) == 4  # and one visit per record, then the next record
+  # 16 hand records = 48 examples an epoch: step 1 starts inside a visit (example 8 = visit 2,
+  # example 2), step 4 (example 32 = visit 10, example 2) too.
+  for step in (1, 4):
+    resumed = input_pipeline.make_train_iterator(*args, start_step=step, process_index=0,
+                                                 process_count=1)
+    _assert_batches_equal(next(resumed), full[step])
+  c1 = _config()
+  one = next(input_pipeline.make_train_iterator(c1, data["hand"], data["tokenizer"],
+                                                process_index=0, process_count=1))
+  # Example 0 of each visit is the example one draw per visit would give there... for the
+  # first visit, which both streams make of the same record at the same position.
+  np.testing.assert_array_equal(full[0]["order"][0], one["order"][0])
+  assert not np.array_equal(full[0]["video"][:3], one["video"][:3])  # 3 draws, not 3 visits
+
+
+# --- DCT-domain downscaling of frames stored at >= 2x the needed size --------------------------
+
+
+def test_scale_plan_picks_the_largest_dct_scale_that_fits():
+  o = sampling.options(_config(image_size=24, resize_short=32))
+
+  def plan(stored, size, **kw):
+    branch, direct = sampling.scale_plan(tf.constant(stored, tf.int64),
+                                         tf.constant(size, tf.int32), dict(o, **kw))
+    return sampling.RATIOS[int(branch)], bool(direct)
+
+  assert plan([32, 48], [32, 48]) == (1, True)  # stored at resize_short: crop while decoding
+  assert plan([64, 96], [32, 48]) == (2, True)
+  assert plan([128, 192], [32, 48]) == (4, True)
+  assert plan([256, 384], [32, 48]) == (8, True)
+  assert plan([1024, 1536], [32, 48]) == (8, False)  # 1/8 is the smallest scale: then resize
+  assert plan([60, 90], [32, 48]) == (1, False)  # 1/2 would be too small: whole, resized
+  assert plan([100, 150], [32, 48]) == (2, False)  # 50x75 at 1/2, resized to 32x48
+  assert plan([536, 953], [268, 476]) == (2, True)  # 268x477: one pixel of rounding
+  assert plan([64, 96], [32, 48], dct_downscale=False) == (1, False)
+  assert plan([16, 24], [32, 48]) == (1, False)  # upscaled
+
+
+@pytest.mark.parametrize("stored_short", [64, 128, 100])
+def test_dct_downscaled_frames_match_the_resized_ones(stored_short):
+  # The same examples with and without DCT scaling: the same crops, nearly the same pixels.
+  c = _config(image_size=24, resize_short=32, num_frames=4)
+  off = _config(image_size=24, resize_short=32, num_frames=4, dct_downscale=False)
+  height, width = stored_short, stored_short * 3 // 2
+  y, x = np.mgrid[0:height, 0:width]
+  smooth = np.stack([np.full_like(x, 100), 255 * x // width, 255 * y // height], -1)
+  buf = io.BytesIO()
+  Image.fromarray(smooth.astype(np.uint8)).save(buf, format="JPEG", quality=95)
+  record = _hand_record(0, height=height, width=width)
+  record.frames[:] = [buf.getvalue()] * len(record.frames)  # ramps without wrap-around edges
+  for seed in range(2):
+    a, b = _sample(record, c, seed), _sample(record, off, seed)
+    np.testing.assert_array_equal(a["crop"], b["crop"])
+    diff = np.abs(a["video"].astype(np.float32) - b["video"].astype(np.float32))
+    assert diff.mean() < 1.5 and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def test_parallelism_keys_set_the_pipeline_not_the_stream(data):
+  c = _config(threads=3, parallel_calls=2, prefetch_batches=1)
+  ds, _ = input_pipeline.make_train_dataset(c, data["synthetic"], data["tokenizer"],
+                                            process_index=0, process_count=1)
+  assert ds.options().threading.private_threadpool_size == 3
+  assert ds.options().threading.max_intra_op_parallelism == 1
+  fixed = input_pipeline.make_train_iterator(c, data["synthetic"], data["tokenizer"],
+                                             process_index=0, process_count=1)
+  auto = input_pipeline.make_train_iterator(_config(), data["synthetic"], data["tokenizer"],
+                                            process_index=0, process_count=1)
+  for a, b in zip(_take(fixed, 2), _take(auto, 2)):
+    _assert_batches_equal(a, b)
+
+
+def test_host_memory_of_batches_in_flight():
+  c = _config(prefetch_batches=3)  # 4 frames of 32², K 4 x text_len 8
+  mem = input_pipeline.host_memory(c, 8)
+  assert mem["batch_bytes"] == 8 * 4 * 32 * 32 * 3 + 8 * 4 * 8 * 5
+  assert mem["in_flight_bytes"] == 5 * mem["batch_bytes"]
+  auto = input_pipeline.host_memory(_config(), 8)
+  assert auto["prefetch_batches"] == "autotune" and auto["in_flight_bytes"] is None

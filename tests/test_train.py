@@ -1,5 +1,7 @@
 """The trainer: sharded state, the step on 1 vs 8 devices, non-finite skips, resume, learning."""
 
+import time
+
 import jax
 import ml_collections
 import numpy as np
@@ -7,7 +9,7 @@ from flax import nnx
 import pytest
 
 from configs import tiny
-from tvts_jax import config_schema, optim, sharding, train
+from tvts_jax import config_schema, input_pipeline, optim, sharding, train
 
 
 def _random_batch(config, seed=0, batch_size=None):
@@ -166,8 +168,19 @@ def test_tiny_model_fits_a_batch_below_chance():
   assert np.mean(losses[-5:]) < 0.6 * chance, losses
 
 
-def test_tiny_config_trains_end_to_end(tmp_path):
-  """train_and_evaluate on the demo data: the loss goes down, eval and the control are logged."""
+def test_tiny_config_trains_end_to_end(tmp_path, monkeypatch):
+  """train_and_evaluate on the demo data: the loss goes down, eval and the control are logged;
+  a pipeline slowed by a known sleep a batch shows in the wait accounting."""
+  sleep_s = 0.03
+  make = input_pipeline.make_train_iterator
+
+  def slow_iterator(*args, **kwargs):
+    inner = make(*args, **kwargs)
+    for batch in inner:
+      time.sleep(sleep_s)
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "make_train_iterator", slow_iterator)
   config = tiny.get_config()
   config.total_steps = 40
   config.log_every_steps = 5
@@ -175,6 +188,12 @@ def test_tiny_config_trains_end_to_end(tmp_path):
   config.evals.sort.every_steps = 40
   config.optim.update(schedule="constant", lr=2e-3)
   out = train.train_and_evaluate(config, str(tmp_path))
+  m = out["train"]  # the last interval: 5 batches, each after a sleep (bounds that always hold)
+  assert m["data_wait_s"] >= 5 * sleep_s
+  assert 0.0 < m["data_wait_fraction"] <= 1.0
+  assert m["data_wait_fraction"] == pytest.approx(m["data_wait_s"] * m["steps_per_s"] / 5)
+  assert m["input_clips_per_s"] == pytest.approx(m["clips_per_s"])  # one host
+  assert m["step_clips_per_s"] >= m["clips_per_s"]
   losses = [loss for _, loss in out["history"]]
   assert [s for s, _ in out["history"]] == list(range(5, 41, 5))
   assert np.mean(losses[-2:]) < 0.9 * losses[0], losses

@@ -137,6 +137,15 @@ KEYS: tuple[tuple[str, Any, str], ...] = (
      "shorter than every span is otherwise sampled on the span [0, duration - 1], cut into "
      "`num_clips` clips with the same gaps)"),
     ("data.shuffle_buffer", 1_000, "examples"),
+    ("data.{threads,parallel_calls,prefetch_batches}", (0, 0, 0), "the input pipeline's "
+     "thread pool (0 = one thread per core), examples sampled at once and batches prefetched "
+     "(0 = `tf.data.AUTOTUNE`)"),
+    ("data.dct_downscale", True, "frames stored at >= 2x `resize_short` are decoded at JPEG's "
+     "DCT-domain scale 1/2, 1/4 or 1/8 (much cheaper than decoding whole and resizing; "
+     "slightly different pixels)"),
+    ("data.samples_per_visit", 1, "training examples drawn from each record read (each with "
+     "its own span, frames, crop and order; a frame several of them use is decoded once). "
+     "The N examples of a record are adjacent: a batch then holds `batch_size / N` videos"),
     ("data.{eval_batch_size,eval_batches}", (0, 8), "the evaluations' global batch (0 = "
      "`batch_size`); held-out batches of `sort` and `t2v_retrieval`"),
     ("data.skip_corrupt_files", True, "a record file cut in the middle is reported and "
@@ -311,6 +320,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if positions < 0 or (positions and d.text_len > positions):
     raise ConfigError(f"data.text_len={d.text_len} exceeds model.text.max_positions="
                       f"{positions}, the text tower's position table (0: as long as text_len)")
+  for name in ("threads", "parallel_calls", "prefetch_batches"):
+    if d[name] < 0:
+      raise ConfigError(f"data.{name}={d[name]} must be >= 0 (0: automatic)")
+  if d.samples_per_visit < 1:
+    raise ConfigError(f"data.samples_per_visit={d.samples_per_visit} must be >= 1")
   if d.min_video_seconds < 0:
     raise ConfigError(f"data.min_video_seconds={d.min_video_seconds} must be >= 0")
   if not d.clip_seconds or min(d.clip_seconds) <= 0:

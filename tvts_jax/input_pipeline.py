@@ -30,7 +30,7 @@ probes: `tvts_jax/labelled.py`.
 Determinism and resume
 ----------------------
 Every random choice is a stateless function of (config.seed, process_index, epoch, position in
-the epoch); the file order of an epoch is a seeded permutation, the interleave is
+the epoch, and with `data.samples_per_visit` = n > 1 the example's index j < n in the visit); the file order of an epoch is a seeded permutation, the interleave is
 deterministic, the shuffle buffer is seeded per epoch and parallel maps keep their order. So
 the stream is a pure function of the step: `make_train_iterator(..., start_step=s)` yields
 exactly the batches an uninterrupted iterator yields from step s. It skips whole epochs
@@ -209,16 +209,40 @@ def _tokenize_batch(batch: dict[str, tf.Tensor], tokenizer_path: str,
   return batch
 
 
+def parallel_calls(config) -> int:
+  """Examples sampled at once (`data.parallel_calls`; 0 = tf.data.AUTOTUNE)."""
+  return int(config.data.get("parallel_calls", 0)) or tf.data.AUTOTUNE
+
+
+def host_memory(config, per_host_batch: int) -> dict[str, Any]:
+  """Host memory of the batches in flight: one batch's bytes and the bound on those held.
+
+  Returns:
+    dict(batch_bytes (video + token ids and masks), prefetch_batches (or 'autotune'),
+    in_flight_bytes: (prefetch_batches + 2) batches (the prefetched ones, the one being
+    assembled, the one the trainer holds), None with AUTOTUNE (tf.data then bounds its buffers
+    by its own RAM budget)).
+  """
+  d = config.data
+  video = per_host_batch * d.num_frames * d.image_size ** 2 * 3
+  text = per_host_batch * d.num_clips * d.text_len * (4 + 1)
+  prefetch = int(d.get("prefetch_batches", 0))
+  return dict(batch_bytes=video + text, prefetch_batches=prefetch or "autotune",
+              in_flight_bytes=(prefetch + 2) * (video + text) if prefetch else None)
+
+
 def _finish(ds: tf.data.Dataset, config, batch_size: int, tokenizer_path: str):
   ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds.map(functools.partial(_tokenize_batch, tokenizer_path=tokenizer_path,
                                 text_len=int(config.data.text_len)),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.prefetch(tf.data.AUTOTUNE)
+  ds = ds.prefetch(int(config.data.get("prefetch_batches", 0)) or tf.data.AUTOTUNE)
   opts = tf.data.Options()
   opts.deterministic = True
   # One thread per op: tf.data's parallelism across examples is the efficient kind here.
   opts.threading.max_intra_op_parallelism = 1
+  if config.data.get("threads", 0):
+    opts.threading.private_threadpool_size = int(config.data.threads)
   return ds.with_options(opts)
 
 
@@ -308,13 +332,16 @@ def make_train_dataset(config: ml_collections.ConfigDict, records_pattern, token
   o = sampling.options(config)
   base = _train_key(config, process_index)
 
-  start = int(start_step) * batch_size
-  first_epoch, offset = 0, start
-  if start:
+  # With samples_per_visit = n, each record visit gives n adjacent examples: the stream's
+  # example e is example e % n of visit e // n.
+  n = o["samples_per_visit"]
+  start_visit, start_within = divmod(int(start_step) * batch_size, n)
+  first_epoch, offset = 0, start_visit
+  if start_visit:
     epoch_size = sum(_record_counts(files, skip_corrupt))
     if not epoch_size:
       raise ValueError(f"no records in {files}")
-    first_epoch, offset = divmod(start, epoch_size)
+    first_epoch, offset = divmod(start_visit, epoch_size)
 
   files_t = tf.constant(files)
   cycle = min(len(files), _MAX_CYCLE)
@@ -339,10 +366,15 @@ def make_train_dataset(config: ml_collections.ConfigDict, records_pattern, token
   def example(epoch, index, serialized):
     key = tf.random.experimental.stateless_fold_in(
         tf.random.experimental.stateless_fold_in(base, epoch), index)
-    out = sampling.sample_example(records.parse(serialized), key, o)
+    if n == 1:
+      out = sampling.sample_example(records.parse(serialized), key, o)
+    else:  # [n, ...]: the visit's examples, its shared frames decoded once
+      out = sampling.sample_examples(records.parse(serialized), key, o, n)
     return {name: out[name] for name in _TRAIN_KEYS}
 
-  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(example, num_parallel_calls=parallel_calls(config), deterministic=True)
+  if n > 1:
+    ds = ds.unbatch().skip(start_within)
   return _finish(ds, config, batch_size, tokenizer_path), batch_size
 
 
@@ -367,6 +399,12 @@ def make_train_iterator(config: ml_collections.ConfigDict, records_pattern, toke
   ds, batch_size = make_train_dataset(config, records_pattern, tokenizer_path,
                                       start_step=start_step, process_index=process_index,
                                       process_count=process_count)
+  mem = host_memory(config, batch_size)
+  logging.info("input pipeline: %d examples a batch, %.1f MiB; %s batches prefetched%s; %d "
+               "example(s) per record read", batch_size, mem["batch_bytes"] / 2**20,
+               mem["prefetch_batches"],
+               f" (at most ~{mem['in_flight_bytes'] / 2**20:.0f} MiB in flight)"
+               if mem["in_flight_bytes"] else "", int(config.data.get("samples_per_visit", 1)))
   return BatchIterator(ds, batch_size)
 
 
@@ -429,7 +467,7 @@ def make_eval_iterator(config: ml_collections.ConfigDict, records_pattern, token
     out = sampling.sample_example(ex, key, o)
     return {name: out[name] for name in _EXAMPLE_KEYS}
 
-  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(example, num_parallel_calls=parallel_calls(config), deterministic=True)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(sampling.padding_example(o)).repeat())
   ds = ds.take(num_batches * batch_size)
   return EvalBatches(_finish(ds, config, batch_size, tokenizer_path), num_batches, batch_size)

@@ -63,7 +63,8 @@ def _tsn_example(serialized: tf.Tensor, start: tf.Tensor, end: tf.Tensor, label:
   offset = (size - s) // 2
   video = tf.cond(
       valid,
-      lambda: sampling.decode_frames(tf.gather(ex["frames"], index), native, size, offset, o),
+      lambda: sampling.decode_frames(tf.gather(ex["frames"], index), native, size, offset, o,
+                                     tf.stack([ex["height"], ex["width"]])),
       lambda: tf.zeros([t, s, s, 3], tf.uint8))
   return dict(video=tf.ensure_shape(video, [t, s, s, 3]), label=label, valid=valid,
               caption=ex["caption"])

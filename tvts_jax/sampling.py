@@ -18,9 +18,18 @@ host, epoch, position) alone.
 - Frames: the span is cut into T equal segments; one uniform random time per segment; the
   stored frame nearest to it (chronological). Only those T JPEGs are decoded.
 - One random image_size^2 crop shared by all frames. Frames stored with short side ==
-  resize_short are decoded with `decode_and_crop_jpeg` (only the crop is decoded); others are
+  resize_short are decoded with `decode_and_crop_jpeg` (only the crop is decoded). Frames
+  stored at least twice as large are decoded at JPEG's DCT-domain scale 1/2, 1/4 or 1/8 (the
+  largest that keeps the short side >= resize_short; `data.dct_downscale`), and cropped while
+  decoding when that scale gives resize_short (within one pixel of rounding); others are
   decoded, resized to short side resize_short (bilinear, antialiased) and cropped. No flip.
 - The transcripts are shuffled by a random permutation `order`.
+
+`sample_examples(record, key, options, n)` draws n such examples from one parsed record
+(`data.samples_per_visit`): example 0 with `key` itself (so n=1 is `sample_example`), example j
+with `fold_in(key, j)`, each with its own span, clips, frames, crop and order. A stored frame
+that several of them use is decoded once, over the box holding all the visit's crops, and each
+example cuts its own crop out of it; a frame only one uses is decoded over its crop alone.
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ import tensorflow as tf
 def options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   d = config.data
   return dict(num_clips=int(d.num_clips), num_frames=int(d.num_frames),
+              samples_per_visit=int(d.get("samples_per_visit", 1)),
+              dct_downscale=bool(d.get("dct_downscale", True)),
               image_size=int(d.image_size), resize_short=int(d.resize_short),
               clip_seconds=tuple(float(s) for s in d.clip_seconds),
               gap_seconds=float(d.gap_seconds), span_tries=max(1, int(d.span_tries)),
@@ -119,45 +130,80 @@ def crop_window(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any]):
   return short == target, tf.stack([new_h, new_w]), offset
 
 
+# JPEG's DCT-domain scales: libjpeg decodes at 1/r of the size for these r, cheaper than
+# decoding the whole frame and resizing it.
+RATIOS = (1, 2, 4, 8)
+
+
+def scale_plan(stored: tf.Tensor, size: tf.Tensor, o: dict[str, Any]):
+  """How to decode frames of size `stored` [h, w] that are resized to `size` [h, w].
+
+  Returns:
+    (branch, direct): decode at scale 1 / RATIOS[branch], the largest that leaves both sides
+    at least `size` (1 without `dct_downscale`); direct: the frame decoded at that scale is
+    `size`, or one pixel more on a side (rounding), so the crop is cut while decoding without
+    a resize (at scale 1: the frames are stored at resize_short).
+  """
+  h, w = tf.cast(stored[0], tf.int32), tf.cast(stored[1], tf.int32)
+  branch = tf.constant(0, tf.int32)
+  if o.get("dct_downscale", True):
+    for i, r in enumerate(RATIOS[1:], 1):
+      fits = ((h + r - 1) // r >= size[0]) & ((w + r - 1) // r >= size[1])
+      branch = tf.where(fits, i, branch)
+  r = tf.gather(tf.constant(RATIOS, tf.int32), branch)
+  sh, sw = (h + r - 1) // r, (w + r - 1) // r
+  slack = tf.where(r > 1, 1, 0)
+  direct = ((sh >= size[0]) & (sw >= size[1]) & (sh - size[0] <= slack) &
+            (sw - size[1] <= slack))
+  return branch, direct
+
+
+def _decode_window(jpeg: tf.Tensor, window: tf.Tensor, branch: tf.Tensor, direct: tf.Tensor,
+                   size: tf.Tensor) -> tf.Tensor:
+  """Pixels window = [y, x, h, w] of a frame resized to `size`, decoded as `scale_plan` says."""
+  def at(r):
+    def crop():  # only the window is decoded (libjpeg's cropped, scaled decode)
+      return tf.image.decode_and_crop_jpeg(jpeg, window, channels=3, ratio=r)
+
+    def resize():
+      image = tf.image.decode_jpeg(jpeg, channels=3, ratio=r)
+      image = tf.image.resize(image, size, method="bilinear", antialias=True)
+      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+      return image[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
+    return lambda: tf.cond(direct, crop, resize)
+  return tf.switch_case(branch, [at(r) for r in RATIOS])
+
+
 def decode_frames(jpegs: tf.Tensor, native: tf.Tensor, size: tf.Tensor, offset: tf.Tensor,
-            o: dict[str, Any]) -> tf.Tensor:
-  """Decodes and crops T frames (uint8 [T, S, S, 3])."""
+                  o: dict[str, Any], stored: tf.Tensor | None = None) -> tf.Tensor:
+  """Decodes and crops T frames (uint8 [T, S, S, 3]).
+
+  `stored` ([h, w] of the stored frames) lets a frame at least twice the needed size be
+  decoded at a DCT-domain scale (`scale_plan`); without it, frames not stored at resize_short
+  (`native` False) are decoded whole and resized.
+  """
   s, t = o["image_size"], o["num_frames"]
-  # T is static: one decode op per frame instead of a map_fn loop lets the executor run the
-  # decodes of one clip side by side and saves the loop's bookkeeping.
+  branch, direct = (scale_plan(stored, size, o) if stored is not None
+                    else (tf.constant(0, tf.int32), native))
+  window = tf.stack([offset[0], offset[1], s, s])
 
   def fast():
-    window = tf.stack([offset[0], offset[1], s, s])
+    # Frames stored at resize_short, the common case. T is static: one decode op per frame
+    # instead of a map_fn loop lets the executor run the decodes of one clip side by side and
+    # saves the loop's bookkeeping.
     return tf.stack([tf.image.decode_and_crop_jpeg(jpegs[i], window, channels=3)
                      for i in range(t)])
 
-  def slow():
-    def one(jpeg):
-      image = tf.image.decode_jpeg(jpeg, channels=3)
-      image = tf.image.resize(image, size, method="bilinear", antialias=True)
-      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-      return image[offset[0]:offset[0] + s, offset[1]:offset[1] + s]
-    return tf.stack([one(jpegs[i]) for i in range(t)])
+  def other():  # scaled or resized: a loop, so the graph holds one copy of each decode path
+    return tf.map_fn(lambda jpeg: _decode_window(jpeg, window, branch, direct, size), jpegs,
+                     fn_output_signature=tf.TensorSpec([s, s, 3], tf.uint8))
 
-  return tf.cond(native, fast, slow)
+  return tf.cond(tf.equal(branch, 0) & direct, fast, other)
 
 
-def sample_example(ex: dict[str, tf.Tensor], key: tf.Tensor,
-                   o: dict[str, Any]) -> dict[str, tf.Tensor]:
-  """Samples one example from a parsed record with a stateless key.
-
-  Args:
-    ex: a record parsed by `records.parse`.
-    key: int64 [2] stateless seed.
-    o: sampling options (`options(config)`).
-
-  Returns:
-    dict with `video`, `texts` (string [K], shuffled), `order`, `valid`, `clip_labels`,
-    `label`, `shortened` (the span was shortened to fit a short video), and for inspection
-    `clip_texts` (string [K], in time order), `span_start`,
-    `clip_len`, `clip_starts` [K], `frame_index` [T] and `crop` [2] (y, x offset after resize).
-  """
-  k, t, s = o["num_clips"], o["num_frames"], o["image_size"]
+def _draw(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any]) -> dict[str, tf.Tensor]:
+  """Every random choice of one example but the decoding: span, clips, order, frames, crop."""
+  k, t = o["num_clips"], o["num_frames"]
   keys = tf.random.experimental.stateless_split(key, num=5)
   valid, clip_starts, clip_len, inside, shortened = _choose_span(ex, keys[:2], o)
   num_frames = tf.size(ex["frames"])
@@ -178,12 +224,7 @@ def sample_example(ex: dict[str, tf.Tensor], key: tf.Tensor,
   frame_index = tf.argmin(tf.abs(frame_times[None, :] - times[:, None]), axis=1,
                           output_type=tf.int32)
   native, size, offset = crop_window(ex, keys[4], o)
-  video = tf.cond(
-      valid,
-      lambda: decode_frames(tf.gather(ex["frames"], frame_index), native, size, offset, o),
-      lambda: tf.zeros([t, s, s, 3], tf.uint8))
   return dict(
-      video=tf.ensure_shape(video, [t, s, s, 3]),
       texts=tf.gather(clip_texts, order),
       order=order,
       valid=valid,
@@ -195,7 +236,129 @@ def sample_example(ex: dict[str, tf.Tensor], key: tf.Tensor,
       clip_len=clip_len,
       clip_starts=clip_starts,
       frame_index=frame_index,
-      crop=offset)
+      crop=offset,
+      native=native,
+      size=size,
+      stored=tf.stack([ex["height"], ex["width"]]))
+
+
+def _without_decode_inputs(d: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  return {k: v for k, v in d.items() if k not in ("native", "size", "stored")}
+
+
+def sample_example(ex: dict[str, tf.Tensor], key: tf.Tensor,
+                   o: dict[str, Any]) -> dict[str, tf.Tensor]:
+  """Samples one example from a parsed record with a stateless key.
+
+  Args:
+    ex: a record parsed by `records.parse`.
+    key: int64 [2] stateless seed.
+    o: sampling options (`options(config)`).
+
+  Returns:
+    dict with `video`, `texts` (string [K], shuffled), `order`, `valid`, `clip_labels`,
+    `label`, `shortened` (the span was shortened to fit a short video), and for inspection
+    `clip_texts` (string [K], in time order), `span_start`,
+    `clip_len`, `clip_starts` [K], `frame_index` [T] and `crop` [2] (y, x offset after resize).
+  """
+  t, s = o["num_frames"], o["image_size"]
+  d = _draw(ex, key, o)
+  video = tf.cond(
+      d["valid"],
+      lambda: decode_frames(tf.gather(ex["frames"], d["frame_index"]), d["native"], d["size"],
+                            d["crop"], o, d["stored"]),
+      lambda: tf.zeros([t, s, s, 3], tf.uint8))
+  return dict(video=tf.ensure_shape(video, [t, s, s, 3]), **_without_decode_inputs(d))
+
+
+def visit_key(key: tf.Tensor, j: int) -> tf.Tensor:
+  """The key of example j of a visit: the visit's own key for j = 0, else fold_in(key, j)."""
+  return key if j == 0 else tf.random.experimental.stateless_fold_in(key, j)
+
+
+def decode_shared(jpegs: tf.Tensor, frame_index: tf.Tensor, valid: tf.Tensor,
+                  offsets: tf.Tensor, stored: tf.Tensor, size: tf.Tensor,
+                  o: dict[str, Any]) -> tf.Tensor:
+  """The videos of n examples of one record, each stored frame decoded at most once.
+
+  Args:
+    jpegs: the record's frames.
+    frame_index: int32 [n, T], the stored frame of each example's frame.
+    valid: bool [n]; invalid examples decode nothing (a black video).
+    offsets: int32 [n, 2], each example's crop offset (after resizing).
+    stored: [2] the stored frames' size (`scale_plan`).
+    size: [2] size after resizing.
+    o: sampling options.
+
+  Returns:
+    uint8 [n, T, S, S, 3].
+  """
+  s, t = o["image_size"], o["num_frames"]
+  n = int(frame_index.shape[0])
+  slots = n * t
+  idx = tf.reshape(frame_index, [slots])
+  live = tf.repeat(valid, t)
+  off = tf.repeat(offsets, t, axis=0)  # [slots, 2]
+  # same[i, j]: slots i and j show the same stored frame (live slots only).
+  same = (idx[:, None] == idx[None, :]) & live[:, None] & live[None, :]
+  big = tf.int32.max
+  first = tf.argmax(tf.cast(same, tf.int32), axis=1, output_type=tf.int32)  # first user
+  users = tf.reduce_sum(tf.cast(same, tf.int32), axis=1)
+  shared = live & (users > 1)
+  branch, direct = scale_plan(stored, size, o)
+  black = tf.zeros([s, s, 3], tf.uint8)
+
+  # A frame several slots show is decoded once, over the box holding every live crop (one
+  # shape, so they stack), by its first user; each user cuts its crop from the stack.
+  box_lo = tf.reduce_min(tf.where(live[:, None], off, big), axis=0)
+  box_hi = tf.reduce_max(tf.where(live[:, None], off, -1), axis=0)
+  box_lo = tf.where(tf.reduce_any(live), box_lo, 0)  # no live slot: nothing is decoded
+  box = tf.concat([box_lo, tf.maximum(box_hi - box_lo + s, s)], 0)
+  owners = shared & tf.equal(first, tf.range(slots))
+  position = tf.cumsum(tf.cast(owners, tf.int32)) - 1  # of an owner slot in the stack
+  stack = tf.cond(  # (map_fn cannot stack zero images of an unknown shape)
+      tf.reduce_any(owners),
+      lambda: tf.map_fn(lambda i: _decode_window(jpegs[idx[i]], box, branch, direct, size),
+                        tf.cast(tf.where(owners)[:, 0], tf.int32),
+                        fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8)),
+      lambda: tf.zeros(tf.concat([[1], box[2:], [3]], 0), tf.uint8))
+
+  def own(i):  # a frame only this slot shows: its crop alone is decoded
+    window = tf.stack([off[i, 0], off[i, 1], s, s])
+    return _decode_window(jpegs[idx[i]], window, branch, direct, size)
+
+  def cut(i):
+    y, x = off[i, 0] - box_lo[0], off[i, 1] - box_lo[1]
+    return stack[position[first[i]], y:y + s, x:x + s]
+
+  # One loop over the slots (rather than a decode op per slot): the graph holds one copy of
+  # each decode path, which keeps the pipeline quick to build.
+  alone = tf.map_fn(lambda i: tf.cond(live[i] & ~shared[i], lambda: own(i), lambda: black),
+                    tf.range(slots), fn_output_signature=tf.TensorSpec([s, s, 3], tf.uint8))
+  crops = tf.map_fn(lambda i: tf.cond(shared[i], lambda: cut(i), lambda: alone[i]),
+                    tf.range(slots), fn_output_signature=tf.TensorSpec([s, s, 3], tf.uint8))
+  return tf.reshape(crops, [n, t, s, s, 3])
+
+
+def sample_examples(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any],
+                    n: int) -> dict[str, tf.Tensor]:
+  """n examples of one record (`data.samples_per_visit`), stacked on a leading axis.
+
+  Example j is drawn with `visit_key(key, j)` exactly as `sample_example` draws one, so n=1
+  is `sample_example` and example 0 of a visit is the example n=1 would give; the frames
+  several examples use are decoded once (`decode_shared`).
+
+  Returns:
+    The dict of `sample_example`, every value with a leading axis of n.
+  """
+  if n == 1:
+    return {k: v[None] for k, v in sample_example(ex, key, o).items()}
+  draws = [_draw(ex, visit_key(key, j), o) for j in range(n)]
+  stacked = {k: tf.stack([d[k] for d in draws]) for k in _without_decode_inputs(draws[0])}
+  video = decode_shared(ex["frames"], stacked["frame_index"], stacked["valid"],
+                        stacked["crop"], draws[0]["stored"], draws[0]["size"], o)
+  t, s = o["num_frames"], o["image_size"]
+  return dict(video=tf.ensure_shape(video, [n, t, s, s, 3]), **stacked)
 
 
 def padding_example(o: dict[str, Any]) -> dict[str, tf.Tensor]:

@@ -3,7 +3,10 @@
 Flow of one step: the input pipeline yields this host's slice of the batch (numpy) ->
 `sharding.global_batch` makes global arrays on the (data, fsdp) mesh -> `train_step` (jitted,
 state donated) runs the model, the losses and AdamW -> metrics are fetched every
-`log_every_steps` (no host sync in between).
+`log_every_steps`. In between, the loop only waits for the step before last to finish before it
+takes the next batch, so it never runs more than one step ahead of the device and its time in
+`next(train_iter)` is time the device can go idle: `input_meter` turns it into
+`train/data_wait_fraction` and the input and step rates of every logged interval.
 
 The train state is a plain dict `{step, params, opt_state, nonfinite}`; `params` is the model's
 state as a pure nested dict of arrays (`nnx.State.to_pure_dict()`; `nnx.merge(graphdef,
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from typing import Any, Iterator
 
 import jax
@@ -31,7 +33,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from tvts_jax import checkpoint as ckpt_lib
-from tvts_jax import config_schema, evaluators, losses, optim, sharding
+from tvts_jax import config_schema, evaluators, input_meter, losses, optim, sharding
 from tvts_jax.models import tvts as tvts_model
 
 # Keys of the batch dict the model consumes; the rest (labels) only travel to evaluation.
@@ -245,11 +247,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   preempted = ckpt_lib.PreemptionFlag().install()
   pending, last_metrics, eval_results, history = [], {}, {}, []
   step = start_step
-  t_log = time.time()
+  meter = input_meter.InputMeter(config.batch_size, config.batch_size // jax.process_count(),
+                                 process_count=jax.process_count())
   try:
     while step < config.total_steps:
+      if len(pending) >= 2:
+        # At most one step queued ahead of the one dispatched next: the loop cannot run ahead
+        # of the device, so the time in next() is time the device can go idle (input_meter).
+        jax.block_until_ready(pending[-2]["loss"])
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        metrics = trainer.step(next(train_iter))
+        metrics = trainer.step(meter.next(train_iter))
       step += 1
       pending.append(metrics)
       report(step)
@@ -260,22 +267,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % config.log_every_steps == 0 or step == config.total_steps:
         fetched = jax.device_get(pending)
         last_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        dt = time.time() - t_log
-        last_metrics["steps_per_s"] = len(fetched) / dt
-        last_metrics["clips_per_s"] = len(fetched) * config.batch_size / dt
+        timing = meter.interval()  # after the fetch: the step's device time is in it
+        last_metrics.update({k: v for k, v in timing.items() if k != "interval_s"})
         last_metrics["nonfinite_steps"] = float(trainer.state["nonfinite"])
         writer.write_scalars(step, {f"train/{k}": v for k, v in last_metrics.items()})
         history.append((step, last_metrics["loss"]))
-        pending, t_log = [], time.time()
+        pending = []
       due = {n: e for n, e in evals.items()
              if step % config.evals[n].every_steps == 0 or step == config.total_steps}
       if due:
-        eval_results.update(_eval_and_write(due, trainer.state["params"], writer, step))
+        with meter.excluded():
+          eval_results.update(_eval_and_write(due, trainer.state["params"], writer, step))
       stop = preempted.is_set()
       if jax.process_count() > 1:  # every host must agree to save and stop together
         stop = bool(multihost_utils.process_allgather(np.array(stop)).any())
       if step % config.checkpoint_every_steps == 0 or step == config.total_steps or stop:
-        checkpointer.save(step, trainer.state, force=stop)
+        with meter.excluded():
+          checkpointer.save(step, trainer.state, force=stop)
       if stop:
         logging.warning("stopping at step %d after a termination signal", step)
         break

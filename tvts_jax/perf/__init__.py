@@ -8,6 +8,8 @@
     python -m tvts_jax.perf --config=configs/paper.py --config.batch_size=2 --text_len=32 \
         --compare_torch                          # side by side with the PyTorch reference
     python -m tvts_jax.perf --config=configs/paper.py --config.batch_size=8 --input
+    python -m tvts_jax.perf --config=configs/paper.py --config.batch_size=32 --input_only \
+        --input_variant=base --input_variant=jpeg_quality=75   # the pipeline alone, side by side
     python -m tvts_jax.perf.torch_ref --config=configs/paper.py --config.batch_size=2 \
         --text_len=32 --steps=8                  # the PyTorch reference alone
 
@@ -21,7 +23,8 @@ Modules:
                   and cost analyses, the devices' memory limit and statistics
     step.py       synthetic batches, compiling the step, the largest batch that fits, timing
                   the step
-    input.py      the input pipeline alone and feeding the step (imports TensorFlow when called)
+    input.py      the input pipeline alone (variants side by side, cores per accelerator) and
+                  feeding the step (imports TensorFlow when called)
     torch_ref.py  the reference architecture in PyTorch, in a subprocess, for side-by-side
                   timing (the only module that imports torch)
     aot.py        compiling the step for a GPU this machine lacks (deviceless XLA:GPU)

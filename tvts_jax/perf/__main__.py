@@ -6,6 +6,8 @@ r"""The command line: speed, FLOPs, MFU and memory of the training step; input t
         --config.compute_dtype=bfloat16 --find_max_batch          # on a GPU / TPU
     python -m tvts_jax.perf --config=configs/paper.py --config.batch_size=8 --input \
         [--records='DIR/train.tfrecord-*' --tokenizer=DIR/spm.model]
+    python -m tvts_jax.perf --config=configs/paper.py --config.batch_size=32 --input_only \
+        --input_variant=base --input_variant=data.samples_per_visit=2 [--input_variant=...]
 
 What it runs is the trainer's own step (`train.Trainer`: the sharded state, the jitted step with
 the state donated) on synthetic batches of the config's shapes, placed on the devices once so
@@ -23,7 +25,11 @@ object; the keys are documented in the README section "Benchmark". The important
 
 `--input` also measures the input pipeline alone on records (generated demo records at the
 config's resolution when none are given) and the pipeline feeding the step, and says which of
-the two limits. `--find_max_batch` searches the largest global batch whose compiled step fits
+the two limits. `--input_only` times the pipeline alone, without building the model: clips/s,
+clips/s per core and per CPU-second, and the cores one accelerator consuming
+`--accelerator_clips_per_s` (default: one H200 on the paper step) needs; each `--input_variant`
+(config overrides such as `data.samples_per_visit=2`, or the generated records' `short_side` /
+`jpeg_quality`) is timed side by side with the others, in alternating blocks. `--find_max_batch` searches the largest global batch whose compiled step fits
 the device memory, from XLA's memory analysis (compiles only, so an oversized batch is a
 number in the report, not an out-of-memory crash), then times the step at that batch.
 """
@@ -75,7 +81,11 @@ def _summary(report: dict[str, Any]) -> str:
                  f"({report['input_clips_per_s_per_core']:.1f} per core, "
                  f"{report['input_cores']} cores); step alone {report['clips_per_s']:.1f}; "
                  f"together {report['together_clips_per_s']:.1f} clips/s -> limited by "
-                 f"{report['limited_by']}")
+                 f"{report['limited_by']}; one accelerator at "
+                 f"{report['accelerator_clips_per_s']:.0f} clips/s needs "
+                 f"{report['cores_per_accelerator']} such cores "
+                 f"({report['cores_per_accelerator_cpu_s']} at the per-CPU-second rate); the "
+                 f"step measured here needs {report['input_cores_for_measured_step']}")
   if "torch_step_time_s" in report:
     lines.append(f"PyTorch reference architecture, same shapes: step "
                  f"{report['torch_step_time_s']:.3f} s, {report['torch_clips_per_s']:.3f} "
@@ -99,6 +109,9 @@ def main(argv) -> None:
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if FLAGS.aot_target:
     _aot_main(FLAGS)
+    return
+  if FLAGS.input_only:
+    _input_only_main(FLAGS)
     return
   # --input uses tf.data: keep TensorFlow off the accelerators, which are JAX's. The step alone
   # needs no TensorFlow, so a JAX-only environment (an accelerator image) can time it.
@@ -185,9 +198,81 @@ def main(argv) -> None:
       report["input_records"] = records if FLAGS.records else "synthetic (generated)"
     report["limited_by"] = ("input" if report["input_clips_per_s"] < report["clips_per_s"]
                             else "step")
+    report.update(input_timing.cores_report(
+        report["input_clips_per_s_per_core"], report["input_clips_per_cpu_s"],
+        FLAGS.accelerator_clips_per_s, "given (--accelerator_clips_per_s)"))
+    report["input_cores_for_measured_step"] = input_timing.cores_needed(
+        report["input_clips_per_s_per_core"], report["clips_per_s"])
 
   log(_summary(report))
   log(json.dumps(report, default=_json_default))
+
+
+def _input_only_main(FLAGS) -> None:  # pylint: disable=invalid-name
+  """--input_only: the input pipeline alone, its variants side by side; no model, no step."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+  config = config_schema.validate(FLAGS.config)
+  variants = [input_timing.parse_variant(v) for v in FLAGS.input_variant] or [{}]
+  with contextlib.ExitStack() as stack:
+    sets: dict[tuple[int, int], tuple[str, str]] = {}
+    directory = None
+    if FLAGS.records:
+      if not FLAGS.tokenizer:
+        raise ValueError("--records needs --tokenizer")
+      if any(k in v for v in variants for k in input_timing.RECORD_KEYS):
+        raise ValueError(f"--input_variant keys {input_timing.RECORD_KEYS} choose generated "
+                         "records: drop --records to use them")
+    elif FLAGS.input_records_dir:
+      directory = FLAGS.input_records_dir
+    else:
+      directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="tvts-input-"))
+
+    def records_of(v):
+      if FLAGS.records:
+        return FLAGS.records, FLAGS.tokenizer
+      key = (int(v.get("short_side", config.data.resize_short)),
+             int(v.get("jpeg_quality", 90)))
+      if key not in sets:
+        tokenizer = next(iter(sets.values()))[1] if sets else None
+        paths = input_timing.demo_records(
+            config, directory, FLAGS.input_videos, short_side=key[0], jpeg_quality=key[1],
+            aspect=FLAGS.input_aspect, fps=FLAGS.input_fps, tokenizer=tokenizer)
+        sets[key] = (paths["train"], paths["tokenizer"])
+      return sets[key]
+
+    for v in variants:  # every record set generated before any timing
+      records_of(v)
+    results = input_timing.compare_input(config, variants, records_of,
+                                         batches=FLAGS.input_batches, rounds=FLAGS.input_rounds)
+    from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+    for v, r in zip(variants, results):
+      reference = None
+      if not FLAGS.records:  # the first generated video again, at JPEG quality 100
+        key = (int(v.get("short_side", config.data.resize_short)),
+               int(v.get("jpeg_quality", 90)))
+        reference = synthetic.make_video(
+            synthetic.DEMO_SEED, "train", 0, short_side=key[0], fps=FLAGS.input_fps,
+            aspect=FLAGS.input_aspect, jpeg_quality=100).frames
+      r["frames_stored"] = input_timing.frame_quality(records_of(v)[0],
+                                                      int(config.data.resize_short),
+                                                      reference=reference)
+  for r in results:
+    r.update(input_timing.cores_report(r["clips_per_s_per_core"], r["clips_per_cpu_s"],
+                                       FLAGS.accelerator_clips_per_s,
+                                       "given (--accelerator_clips_per_s)"))
+    print(f"{r['variant']}: {r['clips_per_s']:.1f} clips/s, {r['clips_per_s_per_core']:.1f} "
+          f"per core ({r['cores']} cores), {r['clips_per_cpu_s']:.1f} per CPU-second; one "
+          f"accelerator at {r['accelerator_clips_per_s']:.0f} clips/s needs "
+          f"{r['cores_per_accelerator']} cores ({r['cores_per_accelerator_cpu_s']} at the "
+          f"per-CPU-second rate); stored frames {r['frames_stored']}")
+  report = dict(batch_size=config.batch_size, frames=int(config.data.num_frames),
+                image_size=int(config.data.image_size), rounds=FLAGS.input_rounds,
+                batches=FLAGS.input_batches,
+                records=FLAGS.records or (f"synthetic (generated: aspect {FLAGS.input_aspect:.3g}, "
+                                          f"{FLAGS.input_fps:g} fps)"),
+                load_average=list(os.getloadavg()), variants=results)
+  print(json.dumps(report, default=_json_default))
 
 
 def _aot_main(FLAGS) -> None:  # pylint: disable=invalid-name
@@ -251,6 +336,26 @@ def _define_flags() -> None:
   flags.DEFINE_string("tokenizer", "", "--input: sentencepiece model of --records.")
   flags.DEFINE_integer("input_batches", 20, "--input: batches the pipeline alone is timed on.")
   flags.DEFINE_integer("input_videos", 32, "--input: synthetic videos to generate.")
+  flags.DEFINE_bool("input_only", False,
+                    "Time the input pipeline alone (no model, no step), each --input_variant "
+                    "side by side, and report the cores one accelerator needs.")
+  flags.DEFINE_multi_string(
+      "input_variant", [],
+      "--input_only: one variant of the pipeline, 'KEY=VALUE,...' of config keys (e.g. "
+      "data.samples_per_visit=2) or of the generated records (short_side=536, "
+      "jpeg_quality=75); 'base' is the config as given. Repeat the flag to compare.")
+  flags.DEFINE_float("input_aspect", 16 / 9,
+                     "--input_only: width / height of the generated records' frames.")
+  flags.DEFINE_float("input_fps", 2.0, "--input_only: frames per second of the generated records.")
+  flags.DEFINE_string("input_records_dir", "",
+                      "--input_only: keep the generated records here and reuse them in later "
+                      "runs (default: a temporary directory).")
+  flags.DEFINE_integer("input_rounds", 3,
+                       "--input_only: rounds of alternating variants; medians are reported.")
+  flags.DEFINE_float("accelerator_clips_per_s", input_timing.H200_PAPER_CLIPS_PER_S,
+                     "--input/--input_only: clips/s one accelerator's step consumes, for the "
+                     "cores-per-accelerator figure (default: one H200 on the paper step at "
+                     "batch 256).")
   flags.DEFINE_string("dump_hlo", "", "Write the compiled step's optimised HLO to this file.")
   flags.DEFINE_string("profile_dir", "", "Write a jax.profiler trace of the timed steps here.")
   flags.DEFINE_enum("host_malloc", "auto", ["auto", "on", "off"],
