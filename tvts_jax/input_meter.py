@@ -36,11 +36,12 @@ from absl import logging
 
 WARN_FRACTION = 0.10
 
-KNOBS = ("data.samples_per_visit (N examples from each record read: fewer decodes per clip), "
-         "data.{threads,parallel_calls,prefetch_batches} (the pipeline's parallelism), records "
-         "prepared with frames nearer the crop (prepare --short_side=data.resize_short, lower "
-         "--jpeg_quality), or more CPU cores per accelerator (`python -m tvts_jax.perf --input` "
-         "says how many)")
+KNOBS = ("records prepared with fewer bytes per frame (prepare --short_side=data.resize_short, "
+         "a lower --jpeg_quality: the levers that measured fastest), more CPU cores per "
+         "accelerator (`python -m tvts_jax.perf --input` says how many), "
+         "data.{threads,parallel_calls,prefetch_batches} (the pipeline's parallelism), or "
+         "data.samples_per_visit (N examples from each record read: pays only where reading a "
+         "record is the cost, e.g. slow storage)")
 
 
 def _allgather(x: np.ndarray) -> np.ndarray:
