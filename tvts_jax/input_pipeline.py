@@ -31,8 +31,8 @@ Determinism and resume
 ----------------------
 Every random choice is a stateless function of (config.seed, process_index, epoch, position in
 the epoch, and with `data.samples_per_visit` = n > 1 the example's index j < n in the visit);
-the file order of an epoch is a seeded permutation, the interleave is deterministic, the shuffle buffer is seeded per epoch and parallel maps keep their order. So
-the stream is a pure function of the step: `make_train_iterator(..., start_step=s)` yields
+the file order of an epoch is a seeded permutation, the interleave is deterministic, the
+shuffle buffer is seeded per epoch and parallel maps keep their order. So the stream is a pure function of the step: `make_train_iterator(..., start_step=s)` yields
 exactly the batches an uninterrupted iterator yields from step s. It skips whole epochs
 arithmetically (per-file record counts from `dataset_info.json`, key `shard_counts`; files
 without it are counted once by reading) and the rest of an epoch on serialised records, so
