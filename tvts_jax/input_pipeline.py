@@ -29,16 +29,15 @@ probes: `tvts_jax/labelled.py`.
 
 Determinism and resume
 ----------------------
-Every random choice is a stateless function of (config.seed, process_index, epoch, position in
-the epoch, and with `data.samples_per_visit` = n > 1 the example's index j < n in the visit);
-the file order of an epoch is a seeded permutation, the interleave is deterministic, the
-shuffle buffer is seeded per epoch and parallel maps keep their order. So the stream is a pure function of the step: `make_train_iterator(..., start_step=s)` yields
-exactly the batches an uninterrupted iterator yields from step s. It skips whole epochs
-arithmetically (per-file record counts from `dataset_info.json`, key `shard_counts`; files
-without it are counted once by reading) and the rest of an epoch on serialised records, so
-resuming never decodes the skipped examples. Evaluation examples are sampled with a seed
-derived from the record's `video_id`, so every evaluation sees the same clips.
-"""
+Every random choice is a stateless function of (config.seed, process_index, epoch, position in the
+epoch, and with `data.samples_per_visit` = n > 1 the example's index j < n in the visit); the file
+order of an epoch is a seeded permutation, the interleave is deterministic, the shuffle buffer is
+seeded per epoch and parallel maps keep their order. So the stream is a pure function of the step:
+`make_train_iterator(..., start_step=s)` yields exactly the batches an uninterrupted iterator yields
+from step s. It skips whole epochs arithmetically (per-file record counts from `dataset_info.json`,
+key `shard_counts`; files without it are counted once by reading) and the rest of an epoch on
+serialised records, so resuming never decodes the skipped examples. Evaluation examples are sampled
+with a seed derived from the record's `video_id`, so every evaluation sees the same clips. """
 
 from __future__ import annotations
 
