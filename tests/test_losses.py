@@ -233,3 +233,27 @@ def test_total_loss_combines_parts(sort_loss):
   config.sort_loss = "bogus"
   with pytest.raises(ValueError, match="sort_loss"):
     losses.total_loss(out, order, valid, config)
+
+
+def test_total_loss_weights_each_part():
+  """contrastive_weight scales the contrastive part; 0 leaves the sort loss alone (and 0 sort
+  weight the contrastive loss alone): the ablation's arms."""
+  config = tiny.get_config()
+  rng = np.random.RandomState(6)
+  b, k = 4, config.data.num_clips
+  out = dict(video_emb=rng.randn(b, 8).astype(np.float32),
+             text_emb=rng.randn(b, 8).astype(np.float32),
+             sort_logits=rng.randn(b, k, k).astype(np.float32))
+  order, valid = _random_orders(rng, b, k), np.ones(b, bool)
+  contrastive, _ = contrastive_loss(out["video_emb"], out["text_emb"], valid, config.temperature)
+  sort = softmax_positions_loss(out["sort_logits"], order, valid)
+  for cw, sw in ((0.5, 3.0), (0.0, 2.0), (1.0, 0.0)):
+    config.contrastive_weight, config.sort_weight = cw, sw
+    loss, m = losses.total_loss(out, order, valid, config)
+    np.testing.assert_allclose(loss, cw * contrastive + sw * sort, rtol=1e-6)
+    np.testing.assert_allclose(m["contrastive_loss"], contrastive, rtol=1e-6)  # unweighted
+  # The sort arm: no gradient reaches the contrastive embeddings.
+  config.contrastive_weight, config.sort_weight = 0.0, 2.0
+  grads = jax.grad(lambda o: losses.total_loss(o, order, valid, config)[0])(out)
+  assert not np.any(grads["video_emb"]) and not np.any(grads["text_emb"])
+  assert np.any(grads["sort_logits"])

@@ -55,7 +55,10 @@ KEYS: tuple[tuple[str, Any, str], ...] = (
     ("keep_checkpoints", 3, "newest checkpoints kept"),
     ("sort_loss", "softmax_positions", "or `sinkhorn` (log-domain Sinkhorn, NLL of the true "
      "permutation)"),
-    ("sort_weight", 2.0, "`loss = contrastive + sort_weight * sort`"),
+    ("contrastive_weight", 1.0, "`loss = contrastive_weight * contrastive + sort_weight * "
+     "sort`; 0: the sort loss alone (the ablation's `sort` arm)"),
+    ("sort_weight", 2.0, "`loss = contrastive_weight * contrastive + sort_weight * sort`; 0: "
+     "the contrastive loss alone"),
     ("temperature", 0.05, "contrastive temperature (cosine similarities over the global batch)"),
     ("sinkhorn.{iters,temperature}", (20, 1.0), "Sinkhorn normalisation"),
     ("compute_dtype", "float32", "`bfloat16`: bf16 matmuls, fp32 parameters, optimizer state, "
@@ -269,6 +272,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not config.model.video.temporal_init_std > 0:
     raise ConfigError("model.video.temporal_init_std must be > 0, got "
                       f"{config.model.video.temporal_init_std}")
+
+  for name in ("contrastive_weight", "sort_weight"):
+    if not config[name] >= 0:
+      raise ConfigError(f"{name}={config[name]} must be >= 0")
+  if config.contrastive_weight == 0 and config.sort_weight == 0:
+    raise ConfigError("contrastive_weight and sort_weight are both 0: nothing would be "
+                      "trained; set at least one of them > 0")
 
   d, v = config.data, config.model.video
   for name in ("batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps"):

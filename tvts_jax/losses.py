@@ -247,13 +247,13 @@ SORT_LOSSES: dict[str, Callable[..., jax.Array]] = {
 
 def total_loss(outputs: dict[str, jax.Array], order: jax.Array, valid: jax.Array,
                config: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The TVTS objective: contrastive + config.sort_weight * sort.
+  """The TVTS objective: contrastive_weight * contrastive + sort_weight * sort.
 
   Args:
     outputs: the dict returned by `TVTS.__call__` (video_emb, text_emb, sort_logits used).
     order: int [B, K] true clip index of each transcript.
     valid: bool [B].
-    config: reads sort_loss, sort_weight, temperature and sinkhorn.
+    config: reads sort_loss, contrastive_weight, sort_weight, temperature and sinkhorn.
 
   Returns:
     (loss, metrics): metrics are float32 scalars averaged over valid examples: `loss`,
@@ -264,7 +264,7 @@ def total_loss(outputs: dict[str, jax.Array], order: jax.Array, valid: jax.Array
   contrastive, metrics = contrastive_loss(outputs["video_emb"], outputs["text_emb"], valid,
                                           config.temperature)
   sort = SORT_LOSSES[config.sort_loss](outputs["sort_logits"], order, valid, config)
-  loss = contrastive + config.sort_weight * sort
+  loss = config.contrastive_weight * contrastive + config.sort_weight * sort
   metrics = dict(metrics, loss=loss, contrastive_loss=contrastive, sort_loss=sort)
   metrics.update(sort_metrics(jax.lax.stop_gradient(outputs["sort_logits"]), order, valid))
   return loss, metrics
