@@ -26,6 +26,7 @@ setuptools.setup(
         "tqdm",
         "absl-py",
         "numpy",
+        "matplotlib",  # the sort evaluator's figures and the ablation's chart (Agg backend)
     ],
     extras_require={
         # Only to import PyTorch checkpoints (MAE, reference TVTS) and for their parity tests.

@@ -111,8 +111,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *, source: str = "checkpoint",
-             random_init: bool = False, names: Iterable[str] | None = None
-             ) -> dict[str, dict[str, Any]]:
+             random_init: bool = False, names: Iterable[str] | None = None,
+             images: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
   """`main.py --mode=eval`: runs the evaluations, writes JSON and TensorBoard, prints a table.
 
   Args:
@@ -122,6 +122,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, source: str = "
     random_init: also evaluate a random init of the same config, the same way (the baseline
       that the pre-training has to beat).
     names: the evaluations of `config.evals` to run (default all).
+    images: if given, filled with the evaluators' figures, {source name: {'<eval>/<image>':
+      uint8 [H, W, 3]}} (they also go to TensorBoard).
 
   Returns:
     {source name: {'description', 'step', 'metrics': {'<eval>/<metric>': value},
@@ -146,6 +148,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, source: str = "
                          log_prefix=f"eval {loaded.name}")
     results[loaded.name] = {"description": loaded.description, "step": loaded.step,
                             "metrics": out["metrics"], "skipped": out["skipped"]}
+    if images is not None:
+      images[loaded.name] = out["images"]
     writer = metric_writers.create_default_writer(
         os.path.join(workdir, "eval", loaded.name), just_logging=jax.process_index() > 0)
     writer.write_scalars(loaded.step or 0, out["metrics"])

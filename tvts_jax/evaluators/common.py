@@ -263,13 +263,41 @@ class Evaluator:
 
     def compute():
       parts = []
-      for local in input_pipeline.make_eval_iterator(ctx.config, records, ctx.data.tokenizer):
+      for i, local in enumerate(input_pipeline.make_eval_iterator(ctx.config, records,
+                                                                  ctx.data.tokenizer)):
         batch = sharding.global_batch({k: local[k] for k in HELDOUT_KEYS}, ctx.mesh)
         out = ctx.fns.heldout(params, batch, shuffled)
         parts.append({k: v[out["valid"]] for k, v in out.items()})
+        if i == 0:  # a few examples as the host read them, for figures (`heldout_examples`)
+          ctx.cache.get(params, ("heldout_examples", records, shuffled),
+                        lambda: _first_examples(local, out))
       return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     return ctx.cache.get(params, ("heldout", records, shuffled), compute)
+
+  def heldout_examples(self, params, records: str, shuffled: bool = False
+                       ) -> dict[str, np.ndarray]:
+    """Up to `MAX_EXAMPLES` valid held-out examples of this host's first batch, with their
+    frames and transcripts (`video`, `text_ids`, `text_mask`, `order`) and `sort_logits`."""
+    self.heldout_outputs(params, records, shuffled)
+    return self.ctx.cache.peek(params, ("heldout_examples", records, shuffled))
+
+
+# Held-out examples `Evaluator.heldout_examples` keeps (for figures).
+MAX_EXAMPLES = 16
+
+
+def _first_examples(local: dict[str, np.ndarray], out: dict[str, np.ndarray]
+                    ) -> dict[str, np.ndarray]:
+  """This host's valid examples of one batch (host-local `local`, global `out`)."""
+  n = len(local["valid"])
+  # The global batch holds each host's slice in process order.
+  rows = slice(jax.process_index() * n, (jax.process_index() + 1) * n)
+  keep = np.asarray(local["valid"], bool)
+  examples = {k: np.asarray(local[k])[keep][:MAX_EXAMPLES]
+              for k in ("video", "text_ids", "text_mask", "order")}
+  examples["sort_logits"] = np.asarray(out["sort_logits"][rows])[keep][:MAX_EXAMPLES]
+  return examples
 
 
 def check_positive(name: str, options: ml_collections.ConfigDict, *keys: str) -> None:
