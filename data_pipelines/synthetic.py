@@ -1,10 +1,10 @@
 """The built-in demo world: procedurally rendered, narrated videos written as TFRecords.
 
     python -m data_pipelines.synthetic --output_dir=/tmp/demo --num_videos=2000 \
-        --split=train --seed=0 --num_shards=16
+        --split=train --seed=0 --num_shards=16 [--version=3]
 
 Each video is a dark, textured, static background on which a sequence of events happens, one
-after another. An event features one large object (radius ~20% of the short side: at 64 px it
+after another. In version 2, an event features one large object (radius ~20% of the short side: at 64 px it
 covers several 16-px patches, so token keeping rarely hides it) with a colour and a shape (a
 combination used once per video) that is on screen only during its own event, while it performs
 one action: it appears, disappears, moves left/right/up/down, grows, shrinks or changes colour.
@@ -12,7 +12,7 @@ Every event is narrated by one short sentence spoken during it ("the red circle 
 "um the blue square gets bigger"), with a little ASR-like noise: filler words, a dropped word,
 timing jitter.
 
-Why this world suits TVTS: a transcript names what is on screen while it is spoken, so matching
+Why version 2 suits TVTS: a transcript names what is on screen while it is spoken, so matching
 transcripts to time slices is learnable (colour and shape), but the sentences are drawn
 independently of their position (no "first", "then", "finally", nothing that refers to another
 sentence), so the ORDER of the transcripts can only be read off the video. Colours follow a
@@ -21,6 +21,21 @@ random cycle over the 8-colour palette, so any 8 consecutive events (more than t
 few thousand steps. The action of
 each event is stored as a segment label (`segment_labels/starts/ends`), whose recognition needs
 motion, for probes and per-clip evaluation.
+
+Version 3 (`version=3`, the demo's default) makes the order a matter of motion. Two objects,
+a red one and a blue one, one a circle and one a square (the same cast in every video), stay
+on screen for the whole video and act one after another: each
+event, one of them (drawn at random) appears, disappears, moves left/right/up/down, grows or
+shrinks while the other one stands still, and the sentence names the actor and its action ("the
+red circle moves left"). What is on screen tells neither videos nor time slices apart: a
+transcript's clip is the one where its object performs its action, and the
+eight actions come in pairs that differ only in the direction of time (left/right, up/down,
+grow/shrink, appear/disappear), so a single frame cannot tell them apart. Each object takes its
+actions from its own random cycle over the eight, so an object never repeats an action within
+eight of its events; the sequence of sentences is then a uniformly random order, and the order
+of a span's transcripts again can only be read off the video. An actor takes its action's start
+pose (position, size) at its event's start and keeps the end pose until it acts again. Version 2
+stays available (`version=2`) and gives the same bytes as before.
 
 Everything is a pure function of (seed, split, video index): `generate` gives the same bytes for
 the same arguments, whatever the number of shards.
@@ -44,7 +59,8 @@ import tensorflow as tf
 from data_pipelines import records
 from data_pipelines import tokenizer
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # what `generate` and the demo write unless told otherwise
+GENERATOR_VERSIONS = (2, 3)
 DEMO_SEED = 0  # the demo world is the same whatever config.seed (which drives sampling, init)
 DEMO_FPS = 4.0
 DEMO_ASPECT = 1.25  # width / height of the stored frames
@@ -85,6 +101,22 @@ DROP_PROB = 0.1
 TIME_JITTER = 0.03
 # Fraction of an appear/disappear/colour-change event at which the change happens.
 SWITCH_AT = {"appear": 0.25, "disappear": 0.75, "change colour": 0.5}
+
+# Version 3: the action classes (label indices; four pairs reversed in time) and the geometry.
+ACTIONS_V3 = ("appear", "disappear", "move left", "move right", "move up", "move down",
+              "grow", "shrink")
+# The same cast in every video (which object gets which shape is drawn per video): which
+# objects are on screen tells neither videos nor time slices apart, so matching a video to its
+# narration, like ordering it, needs the actions. With a distinct cast per video (8 colours x
+# 5 shapes, or 4 x 2) the contrastive loss matched videos by appearance alone and the sorter
+# stayed at chance through the demo's budget: it needs motion features to start from.
+V3_OBJECTS = 2
+V3_COLOURS = ("red", "blue")
+V3_SHAPES = ("circle", "square")
+V3_RADIUS = (0.13, 0.17)     # resting radius, fraction of the short side
+V3_SIZE_RANGE = (0.08, 0.25)  # grow: from the first to the second; shrink: the reverse
+V3_TRAVEL = 0.42             # a move's length, fraction of the short side
+V3_BOX = (0.18, 0.82)        # where centres live, in the central square
 
 
 def _event_plan(rng: np.random.Generator, events_per_video: tuple[int, int]) -> dict[str, Any]:
@@ -237,6 +269,101 @@ def _render(rng: np.random.Generator, plan: dict[str, Any], height: int, width: 
   return frames, times
 
 
+def _event_plan_v3(rng: np.random.Generator, events_per_video: tuple[int, int]) -> dict[str, Any]:
+  """Version 3: two persistent objects act one after another (no pixels yet)."""
+  n = int(rng.integers(events_per_video[0], events_per_video[1] + 1))
+  colours = rng.choice(list(V3_COLOURS), V3_OBJECTS, replace=False)
+  shapes = rng.choice(list(V3_SHAPES), V3_OBJECTS, replace=False)
+  cycles = [rng.permutation(len(ACTIONS_V3)) for _ in range(V3_OBJECTS)]
+  done = [0] * V3_OBJECTS
+  objects = [dict(colour=str(c), shape=str(sh), x=float(rng.uniform(*V3_BOX)),
+                  y=float(rng.uniform(*V3_BOX)), radius=float(rng.uniform(*V3_RADIUS)))
+             for c, sh in zip(colours, shapes)]
+  events = []
+  t = float(rng.uniform(0.3, 1.0))
+  for _ in range(n):
+    actor = int(rng.integers(V3_OBJECTS))
+    action = ACTIONS_V3[int(cycles[actor][done[actor] % len(ACTIONS_V3)])]
+    done[actor] += 1
+    duration = float(rng.uniform(*EVENT_SECONDS))
+    events.append(dict(actor=actor, colour=objects[actor]["colour"],
+                       shape=objects[actor]["shape"], action=action, new_colour=None,
+                       start=t, end=t + duration))
+    t += duration + float(rng.uniform(*PAUSE_SECONDS))
+  duration = events[-1]["end"] + float(rng.uniform(0.5, 1.0))
+  for e in events:
+    e["words"], e["word_starts"], e["word_ends"] = _narrate(rng, e)
+  return dict(events=events, duration=duration, objects=objects)
+
+
+def _pose_path_v3(rng: np.random.Generator, action: str, pose: dict[str, float],
+                  frac: np.ndarray):
+  """(x, y, radius, visible) of an actor at fractions `frac` of its event, from `pose`."""
+  n = len(frac)
+  x, y = np.full(n, pose["x"]), np.full(n, pose["y"])
+  radius = np.full(n, pose["radius"])
+  visible = np.ones(n, bool)
+  lo, hi = V3_BOX
+  if action.startswith("move "):
+    direction = action.split()[1]
+    sign = -1.0 if direction in ("left", "up") else 1.0
+    start = (rng.uniform(lo + V3_TRAVEL, hi) if sign < 0 else rng.uniform(lo, hi - V3_TRAVEL))
+    path = start + sign * V3_TRAVEL * frac
+    if direction in ("left", "right"):
+      x = path
+    else:
+      y = path
+  elif action in ("grow", "shrink"):
+    small, big = V3_SIZE_RANGE
+    radius = small + (big - small) * (frac if action == "grow" else 1.0 - frac)
+  elif action == "appear":
+    visible = frac >= SWITCH_AT["appear"]
+  elif action == "disappear":
+    visible = frac < SWITCH_AT["disappear"]
+  return x, y, radius, visible
+
+
+def _render_v3(rng: np.random.Generator, plan: dict[str, Any], height: int, width: int,
+               fps: float) -> tuple[np.ndarray, np.ndarray]:
+  """Renders a version-3 video: every object on every frame, posed by the events so far."""
+  times = np.arange(int(np.floor(plan["duration"] * fps)) + 1) / fps
+  times = times[times <= plan["duration"]]
+  n = len(times)
+  k = len(plan["objects"])
+  x = np.array([[o["x"]] * n for o in plan["objects"]])
+  y = np.array([[o["y"]] * n for o in plan["objects"]])
+  radius = np.array([[o["radius"]] * n for o in plan["objects"]])
+  visible = np.ones((k, n), bool)
+  for e in plan["events"]:
+    a = e["actor"]
+    sel = np.nonzero((times >= e["start"]) & (times < e["end"]))[0]  # >= 10 frames at 4 fps
+    frac = (times[sel] - e["start"]) / (e["end"] - e["start"])
+    pose = dict(x=x[a, sel[0]], y=y[a, sel[0]], radius=radius[a, sel[0]])
+    px, py, pr, pv = _pose_path_v3(rng, e["action"], pose, frac)
+    x[a, sel], y[a, sel], radius[a, sel], visible[a, sel] = px, py, pr, pv
+    after = times >= e["end"]  # the end pose holds until the object acts again
+    x[a, after], y[a, after], radius[a, after] = px[-1], py[-1], pr[-1]
+  frames = np.broadcast_to(_background(rng, height, width), (n, height, width, 3)).copy()
+  short = min(height, width)
+  x_off, y_off = (width - short) / 2, (height - short) / 2
+  yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+  # The actor of the frame's event is drawn last (on top).
+  actor_at = np.full(n, -1)
+  for e in plan["events"]:
+    actor_at[(times >= e["start"]) & (times < e["end"])] = e["actor"]
+  for f in range(n):
+    draw = [o for o in range(k) if o != actor_at[f]] + ([actor_at[f]] if actor_at[f] >= 0 else [])
+    for o in draw:
+      if not visible[o, f]:
+        continue
+      r = radius[o, f] * short
+      u = (xx - (x_off + x[o, f] * short)) / r
+      v = (yy - (y_off + y[o, f] * short)) / r
+      obj = plan["objects"][o]
+      frames[f][_shape_mask(obj["shape"], u, v)] = COLOURS[obj["colour"]]
+  return frames, times
+
+
 def _encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
@@ -250,7 +377,8 @@ def _split_code(split: str) -> int:
 def make_video(seed: int, split: str, index: int, *, short_side: int = 64,
                fps: float = DEMO_FPS, aspect: float = DEMO_ASPECT,
                events_per_video: tuple[int, int] = (8, 11),
-               jpeg_quality: int = 90) -> records.VideoRecord:
+               jpeg_quality: int = 90,
+               version: int = GENERATOR_VERSION) -> records.VideoRecord:
   """Plans, renders and narrates one video; a pure function of its arguments.
 
   Args:
@@ -262,14 +390,21 @@ def make_video(seed: int, split: str, index: int, *, short_side: int = 64,
     aspect: width / height (>= 1).
     events_per_video: inclusive range of the number of events (each 2.5-3.5 s).
     jpeg_quality: JPEG quality of the stored frames.
+    version: the world (GENERATOR_VERSIONS; see the module docstring).
 
   Returns:
-    The record, with one segment (label = action index) per event.
+    The record, with one segment (label = action index of the version's classes) per event.
   """
+  _check_version(version)
   rng = np.random.default_rng([seed, _split_code(split), index])
-  plan = _event_plan(rng, events_per_video)
   height, width = int(short_side), int(round(short_side * aspect))
-  frames, times = _render(rng, plan, height, width, fps)
+  if version == 2:
+    plan = _event_plan(rng, events_per_video)
+    frames, times = _render(rng, plan, height, width, fps)
+  else:
+    plan = _event_plan_v3(rng, events_per_video)
+    frames, times = _render_v3(rng, plan, height, width, fps)
+  actions = action_names(version)
   ev = plan["events"]
   return records.VideoRecord(
       video_id=f"synthetic-{split}-{index:06d}",
@@ -281,14 +416,26 @@ def make_video(seed: int, split: str, index: int, *, short_side: int = 64,
       word_starts=[t for e in ev for t in e["word_starts"]],
       word_ends=[t for e in ev for t in e["word_ends"]],
       label=-1,
-      segment_labels=[ACTIONS.index(e["action"]) for e in ev],
+      segment_labels=[actions.index(e["action"]) for e in ev],
       segment_starts=[e["start"] for e in ev],
       segment_ends=[e["end"] for e in ev])
 
 
-def world_description() -> dict[str, Any]:
+def _check_version(version: int) -> None:
+  if version not in GENERATOR_VERSIONS:
+    raise ValueError(f"synthetic world version={version!r}; must be one of {GENERATOR_VERSIONS}")
+
+
+def action_names(version: int = GENERATOR_VERSION) -> tuple[str, ...]:
+  """The action (label) classes of a world version, by index."""
+  _check_version(version)
+  return ACTIONS if version == 2 else ACTIONS_V3
+
+
+def world_description(version: int = GENERATOR_VERSION) -> dict[str, Any]:
   """The label classes and vocabulary of the demo world (stored in dataset_info.json)."""
-  return dict(num_action_labels=len(ACTIONS), action_names=list(ACTIONS),
+  actions = action_names(version)
+  return dict(num_action_labels=len(actions), action_names=list(actions),
               colours=list(COLOURS), shapes=list(SHAPES))
 
 
@@ -326,7 +473,7 @@ def generate(output_dir: str, num_videos: int, seed: int = 0, split: str = "trai
              num_shards: int = 8, *, short_side: int = 64, fps: float = DEMO_FPS,
              aspect: float = DEMO_ASPECT, events_per_video: tuple[int, int] = (8, 11),
              jpeg_quality: int = 90, name: str = "synthetic",
-             verbose: bool = True) -> dict[str, Any]:
+             version: int = GENERATOR_VERSION, verbose: bool = True) -> dict[str, Any]:
   """Writes `num_videos` synthetic videos of one split as TFRecord shards + dataset_info.json.
 
   Video i goes to shard i % num_shards. `dataset_info.json` holds the generator options, the
@@ -346,25 +493,28 @@ def generate(output_dir: str, num_videos: int, seed: int = 0, split: str = "trai
     events_per_video: inclusive range of the number of events per video (each 2.5-3.5 s).
     jpeg_quality: JPEG quality.
     name: dataset name, the prefix of the shard names.
+    version: the world (GENERATOR_VERSIONS).
     verbose: print progress.
 
   Returns:
     The dataset info as written (all splits in the directory).
   """
-  options = dict(generator="synthetic", generator_version=GENERATOR_VERSION, seed=seed,
+  _check_version(version)
+  options = dict(generator="synthetic", generator_version=version, seed=seed,
                  short_side=short_side, fps=fps, aspect=aspect,
                  events_per_video=list(events_per_video), jpeg_quality=jpeg_quality)
   split_info, _ = _write_split(output_dir, num_videos, seed, split, num_shards, name, verbose,
                                short_side=short_side, fps=fps, aspect=aspect,
                                events_per_video=tuple(events_per_video),
-                               jpeg_quality=jpeg_quality)
+                               jpeg_quality=jpeg_quality, version=version)
   return _update_info(output_dir, name, options, split_info)
 
 
 def _update_info(output_dir: str, name: str, options: dict[str, Any],
                  split_info: dict[str, Any]) -> dict[str, Any]:
   """Adds one split to the directory's dataset_info.json (same generator options only)."""
-  info = dict(name=name, options=options, splits={}, shard_counts={}, **world_description())
+  info = dict(name=name, options=options, splits={}, shard_counts={},
+              **world_description(options["generator_version"]))
   if tf.io.gfile.exists(os.path.join(output_dir, records.INFO_FILE)):
     old = records.read_info(output_dir)
     if old.get("options") == options and old.get("name") == name:
@@ -377,7 +527,9 @@ def _update_info(output_dir: str, name: str, options: dict[str, Any],
 
 
 def _demo_options(config) -> dict[str, Any]:
-  return dict(generator_version=GENERATOR_VERSION, seed=DEMO_SEED,
+  version = int(config.demo.generator_version)
+  _check_version(version)
+  return dict(generator_version=version, seed=DEMO_SEED,
               num_train_videos=int(config.demo.num_train_videos),
               num_eval_videos=int(config.demo.num_eval_videos),
               vocab_size=int(config.demo.vocab_size),
@@ -419,12 +571,13 @@ def ensure_demo_data(config, directory: str, verbose: bool = True) -> dict[str, 
     print(f"demo data: generating {options['num_train_videos']} train and "
           f"{options['num_eval_videos']} eval videos into {final}", flush=True)
   kwargs = dict(short_side=options["short_side"], fps=options["fps"],
-                aspect=options["aspect"], events_per_video=(8, 11), jpeg_quality=90)
+                aspect=options["aspect"], events_per_video=(8, 11), jpeg_quality=90,
+                version=options["generator_version"])
   train_info, transcripts = _write_split(tmp, options["num_train_videos"], DEMO_SEED, "train",
                                          16, "demo", verbose, **kwargs)
   eval_info, _ = _write_split(tmp, options["num_eval_videos"], DEMO_SEED, "eval", 8, "demo",
                               verbose, **kwargs)
-  gen_options = dict(generator="synthetic", generator_version=GENERATOR_VERSION,
+  gen_options = dict(generator="synthetic", generator_version=kwargs.pop("version"),
                      seed=DEMO_SEED, **{k: list(v) if isinstance(v, tuple) else v
                                         for k, v in kwargs.items()})
   _update_info(tmp, "demo", gen_options, train_info)
@@ -462,7 +615,7 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   info = generate(f.output_dir, f.num_videos, seed=f.seed, split=f.split,
                   num_shards=f.num_shards, short_side=f.short_side, fps=f.fps,
-                  aspect=f.aspect)
+                  aspect=f.aspect, version=f.version)
   print(json.dumps(dict(output_dir=f.output_dir, split=f.split,
                         num_records=info["splits"][f.split]["num_records"],
                         num_shards=info["splits"][f.split]["num_shards"])))
@@ -478,4 +631,5 @@ if __name__ == "__main__":
   flags.DEFINE_integer("short_side", 64, "stored frame height (= config.data.resize_short)")
   flags.DEFINE_float("fps", DEMO_FPS, "stored frame rate")
   flags.DEFINE_float("aspect", DEMO_ASPECT, "width / height")
+  flags.DEFINE_integer("version", GENERATOR_VERSION, "the world: 3 (order needs motion) or 2")
   app.run(main)
