@@ -2,7 +2,6 @@
 
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -59,9 +58,7 @@ def test_ablation_end_to_end_and_resume(tmp_path, capsys):
   # Again: nothing is trained or evaluated again, the same numbers come back.
   mtimes = {a: os.path.getmtime(os.path.join(workdir, a, "checkpoints", "2"))
             for a in ablation.ARMS}
-  t0 = time.time()
   again = ablation.run_ablation(_config(), workdir)
-  took = time.time() - t0
   printed = capsys.readouterr().out
   assert printed.count("not trained again") == 3 and "found in" in printed
   assert {a: os.path.getmtime(os.path.join(workdir, a, "checkpoints", "2"))
@@ -70,7 +67,6 @@ def test_ablation_end_to_end_and_resume(tmp_path, capsys):
       a: 2 for a in ablation.ARMS}
   assert {n: r["metrics"] for n, r in again["rows"].items()} == {
       n: r["metrics"] for n, r in out["rows"].items()}
-  assert took < 10, took
 
 
 def test_bad_arms_are_named():

@@ -62,6 +62,7 @@ def test_unknown_key_is_named(key, value, message):
      r"'tvts_v2_torch:PATH'\]"),
     ({"model.video.temporal_init_std": 0.0}, "temporal_init_std must be > 0"),
     ({"data.samples_per_visit": 0}, "samples_per_visit=0 must be >= 1"),
+    ({"demo.generator_version": 1}, r"demo.generator_version=1; must be one of \(2, 3\)"),
     ({"contrastive_weight": -1.0}, "contrastive_weight=-1.0 must be >= 0"),
     ({"sort_weight": -0.5}, "sort_weight=-0.5 must be >= 0"),
     ({"contrastive_weight": 0.0, "sort_weight": 0.0},

@@ -481,6 +481,21 @@ def test_sort_loss_trains_video_and_sorter_but_not_text(base, batch):
       assert name.startswith("['sorter']") and not g.any(), name
 
 
+def test_sort_trains_text_opens_the_text_tower_to_the_sort_loss(base, batch):
+  config, _, params = base
+  config = config_schema.validate(config.copy_and_resolve_references())
+  config.sort_trains_text = True
+  _, _, grads = _run(config, params, batch, weights=(0.0, 1.0))
+  grads = _leaves(grads.to_pure_dict())
+  text = [k for k in grads if k.startswith("['text']")]
+  assert len(text) == 16
+  for name in text:
+    assert np.abs(grads[name]).max() > 0, name
+  for name in grads:  # the contrastive projections still see no sort gradient
+    if name.startswith(("['text_proj']", "['video_proj']")):
+      assert not grads[name].any(), name
+
+
 def test_scan_layers_model_matches_list_layout(base, batch, reference_run):
   # The same values in the other layout give the same outputs in all three towers. Gradients
   # through the scan are compared on a BlockStack below (where the scan lives): a whole-model

@@ -59,6 +59,8 @@ KEYS: tuple[tuple[str, Any, str], ...] = (
      "sort`; 0: the sort loss alone (the ablation's `sort` arm)"),
     ("sort_weight", 2.0, "`loss = contrastive_weight * contrastive + sort_weight * sort`; 0: "
      "the contrastive loss alone"),
+    ("sort_trains_text", False, "the sort loss also trains the text tower (the reference "
+     "stop-gradients the transcript features the sorter reads)"),
     ("temperature", 0.05, "contrastive temperature (cosine similarities over the global batch)"),
     ("sinkhorn.{iters,temperature}", (20, 1.0), "Sinkhorn normalisation"),
     ("compute_dtype", "float32", "`bfloat16`: bf16 matmuls, fp32 parameters, optimizer state, "
@@ -155,10 +157,14 @@ KEYS: tuple[tuple[str, Any, str], ...] = (
      "skipped past"),
     ("demo.{num_train_videos,num_eval_videos,vocab_size}", (2_000, 200, 200), "the built-in "
      "demo data"),
+    ("demo.generator_version", 3, "the demo world: 3, two objects whose actions must be seen "
+     "moving to be told apart (a transcript's clip is found by motion), or 2, one new object "
+     "per event (found by colour and shape)"),
 )
 # Configs written before a key existed had these values for it (where today's default differs),
 # so that an older workdir or export still builds the model it was trained with.
-LEGACY_DEFAULTS = {"model.text.arch": "tvts", "model.text.max_positions": 0}
+LEGACY_DEFAULTS = {"model.text.arch": "tvts", "model.text.max_positions": 0,
+                   "demo.generator_version": 2}
 
 # Not in KEYS: `evals`, a dict of named evaluations (tvts_jax/evaluators/; their options are
 # the evaluators' own, in the README's reference too).
@@ -335,6 +341,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ConfigError(f"data.{name}={d[name]} must be >= 0 (0: automatic)")
   if d.samples_per_visit < 1:
     raise ConfigError(f"data.samples_per_visit={d.samples_per_visit} must be >= 1")
+  _choice("demo.generator_version", config.demo.generator_version, (2, 3))
   if d.min_video_seconds < 0:
     raise ConfigError(f"data.min_video_seconds={d.min_video_seconds} must be >= 0")
   if not d.clip_seconds or min(d.clip_seconds) <= 0:

@@ -93,6 +93,7 @@ class TVTS(nnx.Module):
                                       f"{config.model.embed_dim}")
     platform.check_attention_backend(config.model.attention)
     self.num_clips = config.data.num_clips
+    self.sort_trains_text = bool(config.sort_trains_text)
     self.video = VideoViT(config, rngs=rngs)
     self.text = TextTower(config, rngs=rngs)
     self.sorter = Sorter(config, rngs=rngs)
@@ -165,7 +166,8 @@ class TVTS(nnx.Module):
         text_features [B, K, Dt]: per-transcript features.
         text_emb [B, E]: L2-normalised mean of the K transcript projections.
         sort_logits [B, K, K]: [b, k, j] scores transcript k against clip j. The sorter sees
-          stop-gradient'ed text features: the sort loss trains the video tower and sorter only.
+          stop-gradient'ed text features (the sort loss trains the video tower and sorter
+          only) unless `config.sort_trains_text`.
     """
     b = video.shape[0]
     if text_ids.shape[:2] != (b, self.num_clips):
@@ -174,7 +176,8 @@ class TVTS(nnx.Module):
     video_tokens = self.video(video, keep_rng)
     video_cls = video_tokens[:, 0]
     text_features = self.text(text_ids, text_mask)
-    sort_logits = self.sorter(video_tokens, jax.lax.stop_gradient(text_features))
+    sort_logits = self.sorter(video_tokens, text_features if self.sort_trains_text
+                              else jax.lax.stop_gradient(text_features))
     return dict(
         video_tokens=video_tokens,
         video_cls=video_cls,
