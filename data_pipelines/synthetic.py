@@ -243,11 +243,22 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
   return np.clip(base + top * (1 - wy) + bottom * wy + grain, 0, 255).astype(np.uint8)
 
 
+def _frame_times(duration: float, fps: float) -> np.ndarray:
+  """The times of a video's stored frames: every 1/fps from 0, up to its duration."""
+  times = np.arange(int(np.floor(duration * fps)) + 1) / fps
+  return times[times <= duration]
+
+
+def _stamp(frame: np.ndarray, shape: str, colour, cx: float, cy: float, r: float,
+           xx: np.ndarray, yy: np.ndarray) -> None:
+  """Paints a shape of radius r (pixels) centred at (cx, cy) into frame, in place."""
+  frame[_shape_mask(shape, (xx - cx) / r, (yy - cy) / r)] = colour
+
+
 def _render(rng: np.random.Generator, plan: dict[str, Any], height: int, width: int,
             fps: float) -> tuple[np.ndarray, np.ndarray]:
   """Renders all frames of a planned video; returns (frames uint8 [N,H,W,3], times [N])."""
-  times = np.arange(int(np.floor(plan["duration"] * fps)) + 1) / fps
-  times = times[times <= plan["duration"]]
+  times = _frame_times(plan["duration"], fps)
   frames = np.broadcast_to(_background(rng, height, width),
                            (len(times), height, width, 3)).copy()
   short = min(height, width)
@@ -262,10 +273,8 @@ def _render(rng: np.random.Generator, plan: dict[str, Any], height: int, width: 
     for i, f in enumerate(sel):
       if not visible[i]:
         continue
-      r = radius[i] * short
-      u = (xx - (x_off + x[i] * short)) / r
-      v = (yy - (y_off + y[i] * short)) / r
-      frames[f][_shape_mask(e["shape"], u, v)] = colour[i]
+      _stamp(frames[f], e["shape"], colour[i], x_off + x[i] * short, y_off + y[i] * short,
+             radius[i] * short, xx, yy)
   return frames, times
 
 
@@ -326,17 +335,18 @@ def _pose_path_v3(rng: np.random.Generator, action: str, pose: dict[str, float],
 def _render_v3(rng: np.random.Generator, plan: dict[str, Any], height: int, width: int,
                fps: float) -> tuple[np.ndarray, np.ndarray]:
   """Renders a version-3 video: every object on every frame, posed by the events so far."""
-  times = np.arange(int(np.floor(plan["duration"] * fps)) + 1) / fps
-  times = times[times <= plan["duration"]]
+  times = _frame_times(plan["duration"], fps)
   n = len(times)
   k = len(plan["objects"])
   x = np.array([[o["x"]] * n for o in plan["objects"]])
   y = np.array([[o["y"]] * n for o in plan["objects"]])
   radius = np.array([[o["radius"]] * n for o in plan["objects"]])
   visible = np.ones((k, n), bool)
+  actor_at = np.full(n, -1)  # who acts on each frame (drawn last, on top); -1: nobody
   for e in plan["events"]:
     a = e["actor"]
     sel = np.nonzero((times >= e["start"]) & (times < e["end"]))[0]  # >= 10 frames at 4 fps
+    actor_at[sel] = a
     frac = (times[sel] - e["start"]) / (e["end"] - e["start"])
     pose = dict(x=x[a, sel[0]], y=y[a, sel[0]], radius=radius[a, sel[0]])
     px, py, pr, pv = _pose_path_v3(rng, e["action"], pose, frac)
@@ -347,20 +357,14 @@ def _render_v3(rng: np.random.Generator, plan: dict[str, Any], height: int, widt
   short = min(height, width)
   x_off, y_off = (width - short) / 2, (height - short) / 2
   yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-  # The actor of the frame's event is drawn last (on top).
-  actor_at = np.full(n, -1)
-  for e in plan["events"]:
-    actor_at[(times >= e["start"]) & (times < e["end"])] = e["actor"]
   for f in range(n):
     draw = [o for o in range(k) if o != actor_at[f]] + ([actor_at[f]] if actor_at[f] >= 0 else [])
     for o in draw:
       if not visible[o, f]:
         continue
-      r = radius[o, f] * short
-      u = (xx - (x_off + x[o, f] * short)) / r
-      v = (yy - (y_off + y[o, f] * short)) / r
       obj = plan["objects"][o]
-      frames[f][_shape_mask(obj["shape"], u, v)] = COLOURS[obj["colour"]]
+      _stamp(frames[f], obj["shape"], COLOURS[obj["colour"]], x_off + x[o, f] * short,
+             y_off + y[o, f] * short, radius[o, f] * short, xx, yy)
   return frames, times
 
 
