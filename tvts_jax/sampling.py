@@ -28,12 +28,14 @@ host, epoch, position) alone.
 `sample_examples(record, key, options, n)` draws n such examples from one parsed record
 (`data.samples_per_visit`): example 0 with `key` itself (so n=1 is `sample_example`), example j
 with `fold_in(key, j)`, each with its own span, clips, frames, crop and order. A stored frame
-that several of them use is decoded once, over the box holding all the visit's crops, and each
-example cuts its own crop out of it; a frame only one uses is decoded over its crop alone.
+that several of them use is decoded once, over the box holding the crops of every such frame's
+users, and each example cuts its own crop out of it; a frame only one uses is decoded over its
+crop alone.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import ml_collections
@@ -301,43 +303,69 @@ def decode_shared(jpegs: tf.Tensor, frame_index: tf.Tensor, valid: tf.Tensor,
   off = tf.repeat(offsets, t, axis=0)  # [slots, 2]
   # same[i, j]: slots i and j show the same stored frame (live slots only).
   same = (idx[:, None] == idx[None, :]) & live[:, None] & live[None, :]
-  big = tf.int32.max
   first = tf.argmax(tf.cast(same, tf.int32), axis=1, output_type=tf.int32)  # first user
   users = tf.reduce_sum(tf.cast(same, tf.int32), axis=1)
   shared = live & (users > 1)
+  any_shared = tf.reduce_any(shared)
   branch, direct = scale_plan(stored, size, o)
-  black = tf.zeros([s, s, 3], tf.uint8)
 
-  # A frame several slots show is decoded once, over the box holding every live crop (one
-  # shape, so they stack), by its first user; each user cuts its crop from the stack.
-  box_lo = tf.reduce_min(tf.where(live[:, None], off, big), axis=0)
-  box_hi = tf.reduce_max(tf.where(live[:, None], off, -1), axis=0)
-  box_lo = tf.where(tf.reduce_any(live), box_lo, 0)  # no live slot: nothing is decoded
-  box = tf.concat([box_lo, tf.maximum(box_hi - box_lo + s, s)], 0)
+  # A frame several slots show is decoded once, by its first user, over the box holding the
+  # crops of every shared slot (one shape, so they stack); each user cuts its crop from the
+  # stack. Frames one slot shows are decoded over that slot's crop alone.
+  big = tf.int32.max
+  box_lo = tf.where(any_shared, tf.reduce_min(tf.where(shared[:, None], off, big), 0), 0)
+  box_hi = tf.where(any_shared, tf.reduce_max(tf.where(shared[:, None], off, -1), 0), 0)
+  box = tf.concat([box_lo, box_hi - box_lo + s], 0)
   owners = shared & tf.equal(first, tf.range(slots))
   position = tf.cumsum(tf.cast(owners, tf.int32)) - 1  # of an owner slot in the stack
+  native = tf.equal(branch, 0) & direct  # stored at resize_short: crops cut while decoding
+
+  def decode_box(i):
+    return tf.cond(native,
+                   lambda: tf.image.decode_and_crop_jpeg(jpegs[idx[i]], box, channels=3),
+                   lambda: _decode_window(jpegs[idx[i]], box, branch, direct, size))
+
   stack = tf.cond(  # (map_fn cannot stack zero images of an unknown shape)
       tf.reduce_any(owners),
-      lambda: tf.map_fn(lambda i: _decode_window(jpegs[idx[i]], box, branch, direct, size),
-                        tf.cast(tf.where(owners)[:, 0], tf.int32),
+      lambda: tf.map_fn(decode_box, tf.cast(tf.where(owners)[:, 0], tf.int32),
                         fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8)),
-      lambda: tf.zeros(tf.concat([[1], box[2:], [3]], 0), tf.uint8))
-
-  def own(i):  # a frame only this slot shows: its crop alone is decoded
-    window = tf.stack([off[i, 0], off[i, 1], s, s])
-    return _decode_window(jpegs[idx[i]], window, branch, direct, size)
+      lambda: tf.zeros([1, s, s, 3], tf.uint8))
 
   def cut(i):
     y, x = off[i, 0] - box_lo[0], off[i, 1] - box_lo[1]
     return stack[position[first[i]], y:y + s, x:x + s]
 
-  # One loop over the slots (rather than a decode op per slot): the graph holds one copy of
-  # each decode path, which keeps the pipeline quick to build.
-  alone = tf.map_fn(lambda i: tf.cond(live[i] & ~shared[i], lambda: own(i), lambda: black),
-                    tf.range(slots), fn_output_signature=tf.TensorSpec([s, s, 3], tf.uint8))
-  crops = tf.map_fn(lambda i: tf.cond(shared[i], lambda: cut(i), lambda: alone[i]),
-                    tf.range(slots), fn_output_signature=tf.TensorSpec([s, s, 3], tf.uint8))
-  return tf.reshape(crops, [n, t, s, s, 3])
+  def fast():
+    # Frames stored at resize_short, the common case: as in `decode_frames`, one decode op
+    # per slot (n and T are static), so the decodes of a visit run side by side.
+    def example(j):
+      window = tf.stack([offsets[j, 0], offsets[j, 1], s, s])
+      frames = []
+      for f in range(t):
+        i = j * t + f
+        frames.append(tf.cond(
+            shared[i], functools.partial(cut, i),
+            functools.partial(tf.image.decode_and_crop_jpeg, jpegs[idx[i]], window,
+                              channels=3)))
+      return tf.stack(frames)
+    return tf.stack([tf.cond(valid[j], functools.partial(example, j),
+                             lambda: tf.zeros([t, s, s, 3], tf.uint8)) for j in range(n)])
+
+  def other():
+    # Scaled or resized: one loop over the slots (rather than an op per slot), so the graph
+    # holds one copy of each decode path, which keeps the pipeline quick to build.
+    black = tf.zeros([s, s, 3], tf.uint8)
+
+    def slot(i):
+      window = tf.stack([off[i, 0], off[i, 1], s, s])
+      return tf.cond(shared[i], lambda: cut(i), lambda: tf.cond(
+          live[i], lambda: _decode_window(jpegs[idx[i]], window, branch, direct, size),
+          lambda: black))
+    crops = tf.map_fn(slot, tf.range(slots),
+                      fn_output_signature=tf.TensorSpec([s, s, 3], tf.uint8))
+    return tf.reshape(crops, [n, t, s, s, 3])
+
+  return tf.cond(native, fast, other)
 
 
 def sample_examples(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any],
