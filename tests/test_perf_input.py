@@ -57,3 +57,15 @@ def test_compare_input_times_each_variant(tmp_path):
     assert len(r["per_round_clips_per_s"]) == 2 and r["clips_per_s"] > 0
     assert r["clips_per_s_per_core"] == pytest.approx(r["clips_per_s"] / r["cores"])
     assert r["batch_size"] == 8 and r["frames"] == 4
+
+
+@pytest.mark.parametrize("short_side", [32, 64])  # decoded at the crop / at DCT scale 1/2
+def test_decode_bound(tmp_path, short_side):
+  out = str(tmp_path / "records")
+  synthetic.generate(out, 1, num_shards=1, short_side=short_side, verbose=False)
+  c = tiny.get_config()
+  assert c.data.resize_short == 32
+  r = input_timing.decode_bound(os.path.join(out, "*.tfrecord*"), c, repeats=3, num_clips=2)
+  assert r["decode_ms_per_frame"] > 0
+  assert r["decode_bound_clips_per_cpu_s"] == pytest.approx(
+      1e3 / (r["decode_ms_per_frame"] * c.data.num_frames))

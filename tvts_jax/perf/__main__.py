@@ -257,6 +257,9 @@ def _input_only_main(FLAGS) -> None:  # pylint: disable=invalid-name
       r["frames_stored"] = input_timing.frame_quality(records_of(v)[0],
                                                       int(config.data.resize_short),
                                                       reference=reference)
+    for v, r in zip(variants, results):
+      r.update(input_timing.decode_bound(records_of(v)[0],
+                                         input_timing.variant_config(config, v)))
   for r in results:
     r.update(input_timing.cores_report(r["clips_per_s_per_core"], r["clips_per_cpu_s"],
                                        FLAGS.accelerator_clips_per_s,
@@ -265,7 +268,9 @@ def _input_only_main(FLAGS) -> None:  # pylint: disable=invalid-name
           f"per core ({r['cores']} cores), {r['clips_per_cpu_s']:.1f} per CPU-second; one "
           f"accelerator at {r['accelerator_clips_per_s']:.0f} clips/s needs "
           f"{r['cores_per_accelerator']} cores ({r['cores_per_accelerator_cpu_s']} at the "
-          f"per-CPU-second rate); stored frames {r['frames_stored']}")
+          f"per-CPU-second rate); decoding alone {r['decode_ms_per_frame']:.3f} CPU-ms a frame, "
+          f"at most {r['decode_bound_clips_per_cpu_s']:.0f} clips per CPU-second; stored frames "
+          f"{r['frames_stored']}")
   report = dict(batch_size=config.batch_size, frames=int(config.data.num_frames),
                 image_size=int(config.data.image_size), rounds=FLAGS.input_rounds,
                 batches=FLAGS.input_batches,

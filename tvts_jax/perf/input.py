@@ -288,3 +288,49 @@ def frame_quality(records: str, resize_short: int, num_frames: int = 24,
     mse = np.mean((resized(ratio) - resized(1)) ** 2)
     out["psnr_dct_vs_resize_db"] = float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
   return out
+
+
+def decode_bound(records: str, config: ml_collections.ConfigDict, *, repeats: int = 5,
+                 num_clips: int = 8) -> dict[str, Any]:
+  """CPU time the pipeline's own frame decode takes, and the clips/s per core it leaves.
+
+  Decodes `num_clips` clips of config.data.num_frames frames of the first record of `records`
+  with `sampling.decode_frames` (the crop, DCT scaling and resizing the pipeline applies),
+  `repeats` times; the median CPU time per frame bounds the pipeline: a core that did nothing
+  but decode would give `decode_bound_clips_per_cpu_s` = 1 / (frames x CPU seconds per frame).
+  Set beside the pipeline's clips per CPU-second, it says how much of an example is decoding.
+
+  Returns:
+    dict(decode_ms_per_frame (CPU), decode_bound_clips_per_cpu_s).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from data_pipelines import records as records_lib  # pylint: disable=g-import-not-at-top
+  from tvts_jax import input_pipeline, sampling  # pylint: disable=g-import-not-at-top
+  o = sampling.options(config)
+  ex = records_lib.parse(next(iter(tf.data.TFRecordDataset(
+      input_pipeline.list_files(records)[0]))))
+  t = o["num_frames"]
+  native, size, _ = sampling.crop_window(ex, tf.constant([0, 0], tf.int64), o)
+  stored = tf.stack([ex["height"], ex["width"]])
+  count = int(tf.size(ex["frames"]))
+  # Clip c: frames c, c + 1, ... (wrapping), at crop offsets spread over the resized frame.
+  index = (np.arange(num_clips)[:, None] + np.arange(t)[None] * max(1, count // t)) % count
+  room = size.numpy() - o["image_size"]
+  offsets = (np.linspace(0, 1, num_clips)[:, None] * room[None]).astype(np.int32)
+
+  @tf.function
+  def decode(jpegs, offset):
+    return sampling.decode_frames(jpegs, native, size, offset, o, stored)
+
+  clips = [(tf.gather(ex["frames"], i), tf.constant(off)) for i, off in zip(index, offsets)]
+  for jpegs, offset in clips[:1]:
+    decode(jpegs, offset)  # traces
+  per_frame = []
+  for _ in range(repeats):
+    cpu0 = time.process_time()
+    for jpegs, offset in clips:
+      decode(jpegs, offset).numpy()
+    per_frame.append((time.process_time() - cpu0) / (num_clips * t))
+  ms = statistics.median(per_frame) * 1e3
+  return dict(decode_ms_per_frame=ms, decode_bound_clips_per_cpu_s=1e3 / (ms * t))
