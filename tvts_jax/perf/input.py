@@ -299,6 +299,9 @@ def decode_bound(records: str, config: ml_collections.ConfigDict, *, repeats: in
   `repeats` times; the median CPU time per frame bounds the pipeline: a core that did nothing
   but decode would give `decode_bound_clips_per_cpu_s` = 1 / (frames x CPU seconds per frame).
   Set beside the pipeline's clips per CPU-second, it says how much of an example is decoding.
+  It is the decode step as the pipeline runs it (its conditionals and the executor's threads
+  included), not libjpeg alone, which took about half that time per frame on the same records
+  (docs/benchmarks.md).
 
   Returns:
     dict(decode_ms_per_frame (CPU), decode_bound_clips_per_cpu_s).
