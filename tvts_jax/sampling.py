@@ -319,15 +319,10 @@ def decode_shared(jpegs: tf.Tensor, frame_index: tf.Tensor, valid: tf.Tensor,
   owners = shared & tf.equal(first, tf.range(slots))
   position = tf.cumsum(tf.cast(owners, tf.int32)) - 1  # of an owner slot in the stack
   native = tf.equal(branch, 0) & direct  # stored at resize_short: crops cut while decoding
-
-  def decode_box(i):
-    return tf.cond(native,
-                   lambda: tf.image.decode_and_crop_jpeg(jpegs[idx[i]], box, channels=3),
-                   lambda: _decode_window(jpegs[idx[i]], box, branch, direct, size))
-
   stack = tf.cond(  # (map_fn cannot stack zero images of an unknown shape)
       tf.reduce_any(owners),
-      lambda: tf.map_fn(decode_box, tf.cast(tf.where(owners)[:, 0], tf.int32),
+      lambda: tf.map_fn(lambda i: _decode_window(jpegs[idx[i]], box, branch, direct, size),
+                        tf.cast(tf.where(owners)[:, 0], tf.int32),
                         fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8)),
       lambda: tf.zeros([1, s, s, 3], tf.uint8))
 

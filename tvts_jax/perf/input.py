@@ -317,7 +317,8 @@ def decode_bound(records: str, config: ml_collections.ConfigDict, *, repeats: in
   native, size, _ = sampling.crop_window(ex, tf.constant([0, 0], tf.int64), o)
   stored = tf.stack([ex["height"], ex["width"]])
   count = int(tf.size(ex["frames"]))
-  # Clip c: frames c, c + 1, ... (wrapping), at crop offsets spread over the resized frame.
+  # Clip c: frames c, c + k, c + 2k, ... (k = frames // T, wrapping), at crop offsets spread
+  # over the resized frame.
   index = (np.arange(num_clips)[:, None] + np.arange(t)[None] * max(1, count // t)) % count
   room = size.numpy() - o["image_size"]
   offsets = (np.linspace(0, 1, num_clips)[:, None] * room[None]).astype(np.int32)
@@ -327,8 +328,7 @@ def decode_bound(records: str, config: ml_collections.ConfigDict, *, repeats: in
     return sampling.decode_frames(jpegs, native, size, offset, o, stored)
 
   clips = [(tf.gather(ex["frames"], i), tf.constant(off)) for i, off in zip(index, offsets)]
-  for jpegs, offset in clips[:1]:
-    decode(jpegs, offset)  # traces
+  decode(*clips[0])  # traces
   per_frame = []
   for _ in range(repeats):
     cpu0 = time.process_time()
