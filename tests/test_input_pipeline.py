@@ -1,4 +1,5 @@
 """The tf.data pipeline: the batch contract, the sampling recipe, determinism, resume, hosts."""
+import dataclasses
 import io
 import os
 
@@ -434,11 +435,12 @@ def _check_example(out, j, record, config, scale=1):
 
 @pytest.mark.parametrize("stored_short", [32, 64])
 def test_samples_per_visit_gives_n_distinct_valid_examples(stored_short):
-  # A short video (5 s, 50 frames) so that the examples' frames overlap and are shared.
+  # A short video (5 s, 50 frames) so that the examples' frames overlap: each example still
+  # shows its own crop of a frame another example also shows.
   c = _config(image_size=24, resize_short=32, num_frames=4, clip_seconds=(0.5, 0.75),
               gap_seconds=0.25)
   record = _hand_record(0, duration=5.0, height=stored_short, width=stored_short * 3 // 2)
-  shared = 0
+  overlap = 0
   for seed in range(3):
     out = _sample_n(record, c, seed, 3)
     assert out["video"].shape == (3, 4, 24, 24, 3)
@@ -446,19 +448,48 @@ def test_samples_per_visit_gives_n_distinct_valid_examples(stored_short):
       _check_example(out, j, record, c, scale=stored_short // 32)
     # Independent draws: spans and crops differ.
     assert len({float(x) for x in out["span_start"]}) == 3
-    shared += len(out["frame_index"].ravel()) - len(set(out["frame_index"].ravel()))
+    overlap += len(out["frame_index"].ravel()) - len(set(out["frame_index"].ravel()))
     # Example 0 is the example one draw per visit gives (the same key).
     one = _sample(record, c, seed)
     for key in ("span_start", "frame_index", "crop", "order", "texts"):
       np.testing.assert_array_equal(out[key][0], one[key], err_msg=key)
     np.testing.assert_allclose(out["video"][0], one["video"], atol=2)
-  assert shared > 0  # the test exercised frames decoded once for two examples
+  assert overlap > 0  # the test exercised frames two examples show
 
 
-def test_samples_per_visit_invalid_examples_are_black():
+@pytest.mark.parametrize("stored_short", [32, 64])
+def test_samples_per_visit_invalid_examples_are_black(stored_short):
   c = _config(image_size=24, resize_short=32, num_frames=4)
-  out = _sample_n(_hand_record(0, duration=12.0, words=False), c, 0, 2)
+  record = _hand_record(0, duration=12.0, words=False, height=stored_short,
+                        width=stored_short * 3 // 2)
+  out = _sample_n(record, c, 0, 2)
   assert not out["valid"].any() and out["video"].max() == 0
+  # A record without frames: every example invalid and black, nothing out of range.
+  empty = dataclasses.replace(record, frames=[], frame_times=[])
+  out = _sample_n(empty, c, 0, 2)
+  assert not out["valid"].any() and out["video"].max() == 0
+  assert _sample(empty, c, 0)["video"].max() == 0
+
+
+def test_samples_per_visit_whole_visit_batches_are_the_example_stream(data):
+  # batch 8 holds 4 visits of 2 (batched as visits, then flattened); batch 5 does not (its
+  # visits straddle batches): both give the same stream of examples, in the same order.
+  whole = _take(input_pipeline.make_train_iterator(
+      _config(samples_per_visit=2), data["hand"], data["tokenizer"], process_index=0,
+      process_count=1), 5)
+  c5 = _config(samples_per_visit=2)
+  c5.batch_size = 5
+  straddling = _take(input_pipeline.make_train_iterator(
+      c5, data["hand"], data["tokenizer"], process_index=0, process_count=1), 8)
+  for key in whole[0]:
+    np.testing.assert_array_equal(np.concatenate([b[key] for b in whole]),
+                                  np.concatenate([b[key] for b in straddling]), err_msg=key)
+  labels = np.concatenate([b["label"] for b in whole])
+  assert (labels[0::2] == labels[1::2]).all() and len(set(labels[:8])) == 4
+  resumed = input_pipeline.make_train_iterator(_config(samples_per_visit=2), data["hand"],
+                                               data["tokenizer"], start_step=3,
+                                               process_index=0, process_count=1)
+  _assert_batches_equal(next(resumed), whole[3])
 
 
 def test_samples_per_visit_stream_deterministic_and_resume_exact(data):

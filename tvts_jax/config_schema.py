@@ -149,7 +149,7 @@ KEYS: tuple[tuple[str, Any, str], ...] = (
      "DCT-domain scale 1/2, 1/4 or 1/8 (much cheaper than decoding whole and resizing; "
      "slightly different pixels)"),
     ("data.samples_per_visit", 1, "training examples drawn from each record read (each with "
-     "its own span, frames, crop and order; a frame several of them use is decoded once). "
+     "its own span, frames, crop and order). "
      "The N examples of a record are adjacent: a batch then holds `batch_size / N` videos"),
     ("data.{eval_batch_size,eval_batches}", (0, 8), "the evaluations' global batch (0 = "
      "`batch_size`); held-out batches of `sort` and `t2v_retrieval`"),

@@ -230,8 +230,18 @@ def host_memory(config, per_host_batch: int) -> dict[str, Any]:
               in_flight_bytes=(prefetch + 2) * (video + text) if prefetch else None)
 
 
-def _finish(ds: tf.data.Dataset, config, batch_size: int, tokenizer_path: str):
-  ds = ds.batch(batch_size, drop_remainder=True)
+def _flatten_visits(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  """[V, n, ...] (V visits of n examples) -> [V * n, ...], visit-major: no copy (a reshape)."""
+  return {k: tf.reshape(v, tf.concat([[-1], tf.shape(v)[2:]], 0)) for k, v in batch.items()}
+
+
+def _finish(ds: tf.data.Dataset, config, batch_size: int, tokenizer_path: str,
+            visits_of: int = 1):
+  """Batches, tokenizes and prefetches; elements of `visits_of` > 1 examples are whole visits."""
+  if visits_of > 1:  # batch_size // visits_of visits a batch, flattened
+    ds = ds.batch(batch_size // visits_of, drop_remainder=True).map(_flatten_visits)
+  else:
+    ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds.map(functools.partial(_tokenize_batch, tokenizer_path=tokenizer_path,
                                 text_len=int(config.data.text_len)),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -367,12 +377,16 @@ def make_train_dataset(config: ml_collections.ConfigDict, records_pattern, token
         tf.random.experimental.stateless_fold_in(base, epoch), index)
     if n == 1:
       out = sampling.sample_example(records.parse(serialized), key, o)
-    else:  # [n, ...]: the visit's examples, its shared frames decoded once
+    else:  # [n, ...]: the visit's examples
       out = sampling.sample_examples(records.parse(serialized), key, o, n)
     return {name: out[name] for name in _TRAIN_KEYS}
 
   ds = ds.map(example, num_parallel_calls=parallel_calls(config), deterministic=True)
-  if n > 1:
+  if n > 1 and batch_size % n == 0:
+    # Batches of whole visits (start_within is 0): reshaped to examples, not copied one by one
+    # as unbatch would.
+    return _finish(ds, config, batch_size, tokenizer_path, visits_of=n), batch_size
+  if n > 1:  # visits straddle batches
     ds = ds.unbatch().skip(start_within)
   return _finish(ds, config, batch_size, tokenizer_path), batch_size
 

@@ -59,13 +59,11 @@ def _tsn_example(serialized: tf.Tensor, start: tf.Tensor, end: tf.Tensor, label:
                     output_type=tf.int32)
   valid = tf.size(ex["frames"]) > 0
   # The crop window's random offset is not used: the crop is centred.
-  native, size, _ = sampling.crop_window(ex, tf.zeros([2], tf.int64), o)
+  _, size, _ = sampling.crop_window(ex, tf.zeros([2], tf.int64), o)
   offset = (size - s) // 2
-  video = tf.cond(
-      valid,
-      lambda: sampling.decode_frames(tf.gather(ex["frames"], index), native, size, offset, o,
-                                     tf.stack([ex["height"], ex["width"]])),
-      lambda: tf.zeros([t, s, s, 3], tf.uint8))
+  video = sampling.decode_videos(ex["frames"], index[None], valid[None], offset[None],
+                                 tf.stack([ex["height"], ex["width"]]), size, o)
+  video = tf.reshape(video, [t, s, s, 3])
   return dict(video=tf.ensure_shape(video, [t, s, s, 3]), label=label, valid=valid,
               caption=ex["caption"])
 

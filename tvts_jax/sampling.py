@@ -27,10 +27,10 @@ host, epoch, position) alone.
 
 `sample_examples(record, key, options, n)` draws n such examples from one parsed record
 (`data.samples_per_visit`): example 0 with `key` itself (so n=1 is `sample_example`), example j
-with `fold_in(key, j)`, each with its own span, clips, frames, crop and order. A stored frame
-that several of them use is decoded once, over the box holding the crops of every such frame's
-users, and each example cuts its own crop out of it; a frame only one uses is decoded over its
-crop alone.
+with `fold_in(key, j)`, each with its own span, clips, frames, crop and order. Each example
+decodes its own frames, also a stored frame another example of the visit uses: decoding such a
+frame once for both (over the box of both crops) measured slower than decoding it twice, so the
+visit only saves reading and parsing the record (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -176,31 +176,59 @@ def _decode_window(jpeg: tf.Tensor, window: tf.Tensor, branch: tf.Tensor, direct
   return tf.switch_case(branch, [at(r) for r in RATIOS])
 
 
-def decode_frames(jpegs: tf.Tensor, native: tf.Tensor, size: tf.Tensor, offset: tf.Tensor,
-                  o: dict[str, Any], stored: tf.Tensor | None = None) -> tf.Tensor:
-  """Decodes and crops T frames (uint8 [T, S, S, 3]).
+def decode_videos(frames: tf.Tensor, frame_index: tf.Tensor, valid: tf.Tensor,
+                  offsets: tf.Tensor, stored: tf.Tensor, size: tf.Tensor,
+                  o: dict[str, Any]) -> tf.Tensor:
+  """The videos of n examples of one record: each frame decoded and cropped (uint8).
 
-  `stored` ([h, w] of the stored frames) lets a frame at least twice the needed size be
-  decoded at a DCT-domain scale (`scale_plan`); without it, frames not stored at resize_short
-  (`native` False) are decoded whole and resized.
+  Args:
+    frames: the record's JPEG frames (possibly none: then every example must be invalid).
+    frame_index: int32 [n, T], the stored frame of each example's frame.
+    valid: bool [n]; an invalid example's video is black.
+    offsets: int32 [n, 2], each example's crop offset in the frame resized to `size`.
+    stored: [2] the stored frames' size ([h, w]), for `scale_plan`.
+    size: [2] the size after resizing to short side resize_short.
+    o: sampling options.
+
+  Returns:
+    uint8 [n, T, S, S, 3].
   """
   s, t = o["image_size"], o["num_frames"]
-  branch, direct = (scale_plan(stored, size, o) if stored is not None
-                    else (tf.constant(0, tf.int32), native))
-  window = tf.stack([offset[0], offset[1], s, s])
+  n = int(frame_index.shape[0])
+  branch, direct = scale_plan(stored, size, o)
+  black = tf.zeros([s, s, 3], tf.uint8)
 
-  def fast():
-    # Frames stored at resize_short, the common case. T is static: one decode op per frame
-    # instead of a map_fn loop lets the executor run the decodes of one clip side by side and
-    # saves the loop's bookkeeping.
-    return tf.stack([tf.image.decode_and_crop_jpeg(jpegs[i], window, channels=3)
-                     for i in range(t)])
+  def native():
+    # Frames stored at resize_short, the common case: one op per frame of the visit (n and T
+    # are static), so the decodes run side by side, each cutting its crop while decoding; the
+    # visit's frames are stacked once (stacking each example, then the visit, copies every
+    # frame twice: measured slower).
+    def crops(j):
+      jpegs = tf.gather(frames, frame_index[j])
+      window = tf.stack([offsets[j, 0], offsets[j, 1], s, s])
+      return [tf.image.decode_and_crop_jpeg(jpegs[f], window, channels=3) for f in range(t)]
+    out = []
+    for j in range(n):  # an invalid example (maybe of a record without frames) decodes nothing
+      out += tf.cond(valid[j], functools.partial(crops, j), lambda: [black] * t)
+    return tf.stack(out)
 
-  def other():  # scaled or resized: a loop, so the graph holds one copy of each decode path
-    return tf.map_fn(lambda jpeg: _decode_window(jpeg, window, branch, direct, size), jpegs,
+  def scaled():
+    # Decoded at a DCT scale and/or resized: one loop over the frames of the visit (rather
+    # than an op per frame), so the graph holds one copy of each decode path and stays quick
+    # to build.
+    index = tf.reshape(frame_index, [n * t])
+    live = tf.repeat(valid, t)
+    off = tf.repeat(offsets, t, axis=0)
+
+    def slot(i):
+      window = tf.stack([off[i, 0], off[i, 1], s, s])
+      return tf.cond(live[i], lambda: _decode_window(frames[index[i]], window, branch, direct,
+                                                     size), lambda: black)
+    return tf.map_fn(slot, tf.range(n * t),
                      fn_output_signature=tf.TensorSpec([s, s, 3], tf.uint8))
 
-  return tf.cond(tf.equal(branch, 0) & direct, fast, other)
+  video = tf.cond(tf.equal(branch, 0) & direct, native, scaled)
+  return tf.reshape(video, [n, t, s, s, 3])
 
 
 def _draw(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any]) -> dict[str, tf.Tensor]:
@@ -225,7 +253,7 @@ def _draw(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any]) -> dict[s
   frame_times = tf.concat([ex["frame_times"], [np.inf]], 0)
   frame_index = tf.argmin(tf.abs(frame_times[None, :] - times[:, None]), axis=1,
                           output_type=tf.int32)
-  native, size, offset = crop_window(ex, keys[4], o)
+  _, size, offset = crop_window(ex, keys[4], o)
   return dict(
       texts=tf.gather(clip_texts, order),
       order=order,
@@ -239,13 +267,12 @@ def _draw(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any]) -> dict[s
       clip_starts=clip_starts,
       frame_index=frame_index,
       crop=offset,
-      native=native,
       size=size,
       stored=tf.stack([ex["height"], ex["width"]]))
 
 
 def _without_decode_inputs(d: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-  return {k: v for k, v in d.items() if k not in ("native", "size", "stored")}
+  return {k: v for k, v in d.items() if k not in ("size", "stored")}
 
 
 def sample_example(ex: dict[str, tf.Tensor], key: tf.Tensor,
@@ -265,10 +292,13 @@ def sample_example(ex: dict[str, tf.Tensor], key: tf.Tensor,
   """
   t, s = o["num_frames"], o["image_size"]
   d = _draw(ex, key, o)
+  # Decoded under one conditional on validity (rather than decode_videos' own per example):
+  # measured a few percent faster per CPU-second for a single example.
   video = tf.cond(
       d["valid"],
-      lambda: decode_frames(tf.gather(ex["frames"], d["frame_index"]), d["native"], d["size"],
-                            d["crop"], o, d["stored"]),
+      lambda: tf.reshape(decode_videos(ex["frames"], d["frame_index"][None],
+                                       tf.constant([True]), d["crop"][None], d["stored"],
+                                       d["size"], o), [t, s, s, 3]),
       lambda: tf.zeros([t, s, s, 3], tf.uint8))
   return dict(video=tf.ensure_shape(video, [t, s, s, 3]), **_without_decode_inputs(d))
 
@@ -278,98 +308,13 @@ def visit_key(key: tf.Tensor, j: int) -> tf.Tensor:
   return key if j == 0 else tf.random.experimental.stateless_fold_in(key, j)
 
 
-def decode_shared(jpegs: tf.Tensor, frame_index: tf.Tensor, valid: tf.Tensor,
-                  offsets: tf.Tensor, stored: tf.Tensor, size: tf.Tensor,
-                  o: dict[str, Any]) -> tf.Tensor:
-  """The videos of n examples of one record, each stored frame decoded at most once.
-
-  Args:
-    jpegs: the record's frames.
-    frame_index: int32 [n, T], the stored frame of each example's frame.
-    valid: bool [n]; invalid examples decode nothing (a black video).
-    offsets: int32 [n, 2], each example's crop offset (after resizing).
-    stored: [2] the stored frames' size (`scale_plan`).
-    size: [2] size after resizing.
-    o: sampling options.
-
-  Returns:
-    uint8 [n, T, S, S, 3].
-  """
-  s, t = o["image_size"], o["num_frames"]
-  n = int(frame_index.shape[0])
-  slots = n * t
-  idx = tf.reshape(frame_index, [slots])
-  live = tf.repeat(valid, t)
-  off = tf.repeat(offsets, t, axis=0)  # [slots, 2]
-  # same[i, j]: slots i and j show the same stored frame (live slots only).
-  same = (idx[:, None] == idx[None, :]) & live[:, None] & live[None, :]
-  first = tf.argmax(tf.cast(same, tf.int32), axis=1, output_type=tf.int32)  # first user
-  users = tf.reduce_sum(tf.cast(same, tf.int32), axis=1)
-  shared = live & (users > 1)
-  any_shared = tf.reduce_any(shared)
-  branch, direct = scale_plan(stored, size, o)
-
-  # A frame several slots show is decoded once, by its first user, over the box holding the
-  # crops of every shared slot (one shape, so they stack); each user cuts its crop from the
-  # stack. Frames one slot shows are decoded over that slot's crop alone.
-  big = tf.int32.max
-  box_lo = tf.where(any_shared, tf.reduce_min(tf.where(shared[:, None], off, big), 0), 0)
-  box_hi = tf.where(any_shared, tf.reduce_max(tf.where(shared[:, None], off, -1), 0), 0)
-  box = tf.concat([box_lo, box_hi - box_lo + s], 0)
-  owners = shared & tf.equal(first, tf.range(slots))
-  position = tf.cumsum(tf.cast(owners, tf.int32)) - 1  # of an owner slot in the stack
-  native = tf.equal(branch, 0) & direct  # stored at resize_short: crops cut while decoding
-  stack = tf.cond(  # (map_fn cannot stack zero images of an unknown shape)
-      tf.reduce_any(owners),
-      lambda: tf.map_fn(lambda i: _decode_window(jpegs[idx[i]], box, branch, direct, size),
-                        tf.cast(tf.where(owners)[:, 0], tf.int32),
-                        fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8)),
-      lambda: tf.zeros([1, s, s, 3], tf.uint8))
-
-  def cut(i):
-    y, x = off[i, 0] - box_lo[0], off[i, 1] - box_lo[1]
-    return stack[position[first[i]], y:y + s, x:x + s]
-
-  def fast():
-    # Frames stored at resize_short, the common case: as in `decode_frames`, one decode op
-    # per slot (n and T are static), so the decodes of a visit run side by side.
-    def example(j):
-      window = tf.stack([offsets[j, 0], offsets[j, 1], s, s])
-      frames = []
-      for f in range(t):
-        i = j * t + f
-        frames.append(tf.cond(
-            shared[i], functools.partial(cut, i),
-            functools.partial(tf.image.decode_and_crop_jpeg, jpegs[idx[i]], window,
-                              channels=3)))
-      return tf.stack(frames)
-    return tf.stack([tf.cond(valid[j], functools.partial(example, j),
-                             lambda: tf.zeros([t, s, s, 3], tf.uint8)) for j in range(n)])
-
-  def other():
-    # Scaled or resized: one loop over the slots (rather than an op per slot), so the graph
-    # holds one copy of each decode path, which keeps the pipeline quick to build.
-    black = tf.zeros([s, s, 3], tf.uint8)
-
-    def slot(i):
-      window = tf.stack([off[i, 0], off[i, 1], s, s])
-      return tf.cond(shared[i], lambda: cut(i), lambda: tf.cond(
-          live[i], lambda: _decode_window(jpegs[idx[i]], window, branch, direct, size),
-          lambda: black))
-    crops = tf.map_fn(slot, tf.range(slots),
-                      fn_output_signature=tf.TensorSpec([s, s, 3], tf.uint8))
-    return tf.reshape(crops, [n, t, s, s, 3])
-
-  return tf.cond(native, fast, other)
-
-
 def sample_examples(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any],
                     n: int) -> dict[str, tf.Tensor]:
   """n examples of one record (`data.samples_per_visit`), stacked on a leading axis.
 
   Example j is drawn with `visit_key(key, j)` exactly as `sample_example` draws one, so n=1
-  is `sample_example` and example 0 of a visit is the example n=1 would give; the frames
-  several examples use are decoded once (`decode_shared`).
+  is `sample_example` and example 0 of a visit is the example n=1 would give; their frames are
+  decoded by one `decode_videos`.
 
   Returns:
     The dict of `sample_example`, every value with a leading axis of n.
@@ -378,7 +323,7 @@ def sample_examples(ex: dict[str, tf.Tensor], key: tf.Tensor, o: dict[str, Any],
     return {k: v[None] for k, v in sample_example(ex, key, o).items()}
   draws = [_draw(ex, visit_key(key, j), o) for j in range(n)]
   stacked = {k: tf.stack([d[k] for d in draws]) for k in _without_decode_inputs(draws[0])}
-  video = decode_shared(ex["frames"], stacked["frame_index"], stacked["valid"],
+  video = decode_videos(ex["frames"], stacked["frame_index"], stacked["valid"],
                         stacked["crop"], draws[0]["stored"], draws[0]["size"], o)
   t, s = o["num_frames"], o["image_size"]
   return dict(video=tf.ensure_shape(video, [n, t, s, s, 3]), **stacked)

@@ -295,13 +295,11 @@ def decode_bound(records: str, config: ml_collections.ConfigDict, *, repeats: in
   """CPU time the pipeline's own frame decode takes, and the clips/s per core it leaves.
 
   Decodes `num_clips` clips of config.data.num_frames frames of the first record of `records`
-  with `sampling.decode_frames` (the crop, DCT scaling and resizing the pipeline applies),
-  `repeats` times; the median CPU time per frame bounds the pipeline: a core that did nothing
-  but decode would give `decode_bound_clips_per_cpu_s` = 1 / (frames x CPU seconds per frame).
-  Set beside the pipeline's clips per CPU-second, it says how much of an example is decoding.
-  It is the decode step as the pipeline runs it (its conditionals and the executor's threads
-  included), not libjpeg alone, which took about half that time per frame on the same records
-  (docs/benchmarks.md).
+  with `sampling.decode_videos` (the crop, DCT scaling and resizing the pipeline applies), in
+  one call, `repeats` times; the median CPU time per frame bounds the pipeline: a core that did
+  nothing but decode would give `decode_bound_clips_per_cpu_s` = 1 / (frames x CPU seconds per
+  frame). Set beside the pipeline's clips per CPU-second, it says how much of an example is
+  decoding.
 
   Returns:
     dict(decode_ms_per_frame (CPU), decode_bound_clips_per_cpu_s).
@@ -314,7 +312,7 @@ def decode_bound(records: str, config: ml_collections.ConfigDict, *, repeats: in
   ex = records_lib.parse(next(iter(tf.data.TFRecordDataset(
       input_pipeline.list_files(records)[0]))))
   t = o["num_frames"]
-  native, size, _ = sampling.crop_window(ex, tf.constant([0, 0], tf.int64), o)
+  _, size, _ = sampling.crop_window(ex, tf.constant([0, 0], tf.int64), o)
   stored = tf.stack([ex["height"], ex["width"]])
   count = int(tf.size(ex["frames"]))
   # Clip c: frames c, c + k, c + 2k, ... (k = frames // T, wrapping), at crop offsets spread
@@ -322,18 +320,18 @@ def decode_bound(records: str, config: ml_collections.ConfigDict, *, repeats: in
   index = (np.arange(num_clips)[:, None] + np.arange(t)[None] * max(1, count // t)) % count
   room = size.numpy() - o["image_size"]
   offsets = (np.linspace(0, 1, num_clips)[:, None] * room[None]).astype(np.int32)
+  valid = tf.ones([num_clips], tf.bool)
 
   @tf.function
-  def decode(jpegs, offset):
-    return sampling.decode_frames(jpegs, native, size, offset, o, stored)
+  def decode(frames):
+    return sampling.decode_videos(frames, tf.constant(index, tf.int32), valid,
+                                  tf.constant(offsets), stored, size, o)
 
-  clips = [(tf.gather(ex["frames"], i), tf.constant(off)) for i, off in zip(index, offsets)]
-  decode(*clips[0])  # traces
+  decode(ex["frames"])  # traces
   per_frame = []
   for _ in range(repeats):
     cpu0 = time.process_time()
-    for jpegs, offset in clips:
-      decode(jpegs, offset).numpy()
+    decode(ex["frames"]).numpy()
     per_frame.append((time.process_time() - cpu0) / (num_clips * t))
   ms = statistics.median(per_frame) * 1e3
   return dict(decode_ms_per_frame=ms, decode_bound_clips_per_cpu_s=1e3 / (ms * t))
