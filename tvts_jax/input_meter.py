@@ -40,7 +40,7 @@ KNOBS = ("records prepared with fewer bytes per frame (prepare --short_side=data
          "a lower --jpeg_quality: the levers that measured fastest), more CPU cores per "
          "accelerator (`python -m tvts_jax.perf --input` says how many), "
          "data.{threads,parallel_calls,prefetch_batches} (the pipeline's parallelism), or "
-         "data.samples_per_visit=2 (two examples from each record read: ~1.1-1.25x the clips "
+         "data.samples_per_visit=2 (two examples from each record read: ~1.2x the clips "
          "per core, at the price of half as many videos a batch)")
 
 
